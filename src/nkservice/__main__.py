@@ -1,0 +1,3 @@
+from nkservice.cli import main
+
+raise SystemExit(main())

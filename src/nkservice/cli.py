@@ -1,0 +1,146 @@
+"""The `nkservice` command: run a node, call a server, hash a password."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import logging
+import signal
+import ssl
+import sys
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from nkservice import __version__
+from nkservice.errors import ApiError
+from nkservice.node import Node
+from nkservice.service.config import ConfigError, NodeConfig, load_config
+from nkservice.service.passwords import hash_password
+
+log = logging.getLogger("nkservice")
+
+DESCRIPTION = """\
+nkservice serves the NkSERVICE External API: JSON requests, events and callbacks over
+TCP, TLS, WebSocket and secure WebSocket.
+
+  nkservice serve                         run a node on the embedded default: the core
+                                          (admin) service on ws://127.0.0.1:9010/ and
+                                          tcp://127.0.0.1:9010, user admin / password admin
+  nkservice serve --config node.toml      run a node from a config file (see docs/config.md)
+  nkservice call ws://127.0.0.1:9010/ core user list --user admin --password admin
+                                          log in, send one request, print the answer as JSON
+  nkservice hash-password                 print a scrypt hash to put in a config file
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nkservice", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"nkservice {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run a node (Ctrl-C or SIGTERM stops it cleanly)")
+    serve.add_argument("--config", type=Path, metavar="FILE",
+                       help="node config (TOML); without it, the embedded default")
+    serve.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"])
+
+    call = commands.add_parser(
+        "call", help="send one request and print the answer as JSON",
+        description="Connect to URL, log in (with --user), send CLASS [SUBCLASS] CMD with "
+                    "--data, print the answer's data as JSON. Exit 0 on ok; on an error "
+                    "answer print it to stderr and exit 1.")
+    call.add_argument("url", help="tcp://HOST:PORT, tls://…, ws://HOST:PORT/PATH or wss://…")
+    call.add_argument("words", nargs="+", metavar="CLASS [SUBCLASS] CMD",
+                      help="e.g. `core ping` or `core user list`")
+    call.add_argument("--data", default="{}", help="the request's data, as JSON")
+    call.add_argument("--user", help="log in as this user first")
+    call.add_argument("--password", help="the user's password (asked for if --user is given)")
+    call.add_argument("--cafile", help="trust this CA (tls and wss)")
+    call.add_argument("--insecure", action="store_true",
+                      help="do not verify the server certificate (tls and wss)")
+
+    hashing = commands.add_parser("hash-password", help="print a scrypt hash of a password")
+    hashing.add_argument("password", nargs="?", help="asked for when not given")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args.config, args.log_level)
+    if args.command == "call":
+        return _call(args)
+    if args.command == "hash-password":
+        print(hash_password(args.password or getpass.getpass("password: ")))
+        return 0
+    parser.print_help()
+    return 2
+
+
+def _serve(config_path: Path | None, level: str) -> int:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: "
+                                                    "%(message)s")
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"nkservice: bad config: {exc}", file=sys.stderr)
+        return 2
+    try:
+        uvloop.run(_run_node(config))
+    except (ConfigError, OSError) as exc:
+        print(f"nkservice: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _run_node(config: NodeConfig) -> None:
+    if config.workers > 1:
+        log.warning("workers = %d: several workers need the cluster bus, which is not "
+                    "available yet; running one worker", config.workers)
+    node = Node(config)
+    await node.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
+    log.info("node started; Ctrl-C or SIGTERM stops it")
+    await stopping.wait()
+    log.info("stopping: closing listeners and sessions")
+    await node.stop()
+    log.info("stopped")
+
+
+def _call(args: argparse.Namespace) -> int:
+    from nkservice.client import call
+
+    if len(args.words) not in (2, 3):
+        print("nkservice call: give CLASS CMD or CLASS SUBCLASS CMD", file=sys.stderr)
+        return 2
+    class_, *subclass, cmd = args.words
+    try:
+        data: Any = json.loads(args.data)
+    except ValueError as exc:
+        print(f"nkservice call: --data is not JSON: {exc}", file=sys.stderr)
+        return 2
+    password = args.password
+    if args.user and password is None:
+        password = getpass.getpass(f"password for {args.user}: ")
+    context = None
+    if args.url.startswith(("tls:", "wss:")):
+        context = ssl.create_default_context(cafile=args.cafile)
+        if args.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+    try:
+        answer = call(args.url, class_, cmd, data, subclass=subclass[0] if subclass else None,
+                      user=args.user, password=password, ssl=context)
+    except ApiError as error:
+        print(json.dumps({"code": error.code, "error": error.text}), file=sys.stderr)
+        return 1
+    except (OSError, TimeoutError) as exc:
+        print(f"nkservice call: {exc or type(exc).__name__}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer, indent=2))
+    return 0

@@ -1,0 +1,143 @@
+"""The node: configuration → services → listening sockets, and a clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import defaultdict
+from dataclasses import dataclass
+
+from nkservice.service.config import (
+    ConfigError,
+    Credentials,
+    ListenUrl,
+    NodeConfig,
+    ServiceConfig,
+    TlsConfig,
+)
+from nkservice.service.service import Service
+from nkservice.transport.listener import listen
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_DRAIN = 0.1  # seconds given to transports to flush their close frames
+
+
+@dataclass(frozen=True, slots=True)
+class _Port:
+    """The URLs of one service that share a host and port: one listening socket."""
+
+    host: str
+    port: int
+    urls: tuple[ListenUrl, ...]
+
+    @property
+    def secure(self) -> bool:
+        return self.urls[0].secure
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.services: dict[str, Service] = {}
+        self._servers: dict[str, list[tuple[_Port, asyncio.Server]]] = {}
+
+    # -- Directory -------------------------------------------------------------------------
+
+    @property
+    def admin(self) -> Credentials:
+        return self.config.admin
+
+    def find_service(self, name: str) -> Service | None:
+        return self.services.get(name)
+
+    # -- life ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.config.uses_default_password:
+            log.warning("the global admin logs in with the default password (admin/admin): "
+                        "for local use only; set [admin] in the config file")
+        definitions = [self.config.core, *self.config.services.values()]
+        ports = {d.name: _ports_of(d) for d in definitions}
+        _check_no_port_shared(ports)
+        try:
+            for definition in definitions:
+                await self.start_service(definition, ports[definition.name])
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def start_service(self, definition: ServiceConfig, ports: list[_Port]) -> None:
+        service = Service(definition, self)
+        self.services[definition.name] = service
+        tls = _tls_context(definition.tls) if any(p.secure for p in ports) else None
+        servers = self._servers.setdefault(definition.name, [])
+        for port in ports:
+            server = await listen(
+                service.accept, port.host, port.port,
+                lines=any(not url.is_websocket for url in port.urls),
+                websocket_paths={url.path for url in port.urls if url.is_websocket},
+                tls=tls if port.secure else None,
+                max_message_size=definition.limits.max_message_size,
+            )
+            servers.append((port, server))
+        for url in self.urls(definition.name):
+            log.info("service %s listening on %s", definition.name, url)
+
+    def urls(self, service: str) -> list[str]:
+        """The service's listen URLs with the ports actually bound (port 0 → the real one)."""
+        found: list[str] = []
+        for port, server in self._servers.get(service, []):
+            bound = server.sockets[0].getsockname()[1] if server.sockets else port.port
+            found.extend(f"{u.scheme}://{u.host}:{bound}{u.path}" for u in port.urls)
+        return found
+
+    async def stop(self) -> None:
+        """Stop accepting, close every connection (telling it why), let the closes flush."""
+        for servers in self._servers.values():
+            for _, server in servers:
+                server.close()
+        for service in self.services.values():
+            service.stop("server shutting down")
+        await asyncio.sleep(SHUTDOWN_DRAIN)
+        self._servers.clear()
+
+
+def _ports_of(definition: ServiceConfig) -> list[_Port]:
+    grouped: dict[tuple[str, int], list[ListenUrl]] = defaultdict(list)
+    for url in definition.listen:
+        grouped[(url.host, url.port)].append(url)
+    ports = []
+    for (host, port), urls in grouped.items():
+        if len({url.secure for url in urls}) > 1:
+            raise ConfigError(f"{definition.name}: {host}:{port} mixes secure and plain "
+                              "URLs; only tcp+ws or tls+wss may share a port")
+        ports.append(_Port(host, port, tuple(urls)))
+    return ports
+
+
+def _check_no_port_shared(ports: dict[str, list[_Port]]) -> None:
+    owner: dict[tuple[str, int], str] = {}
+    for service, service_ports in ports.items():
+        for port in service_ports:
+            key = (port.host, port.port)
+            if port.port and key in owner:
+                raise ConfigError(f"services {owner[key]} and {service} both listen on "
+                                  f"{port.host}:{port.port}")
+            owner[key] = service
+
+
+def _tls_context(tls: TlsConfig) -> ssl.SSLContext:
+    if not tls.certfile:
+        raise ConfigError("tls and wss URLs need tls.certfile (and tls.keyfile)")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(tls.certfile, tls.keyfile or None)
+        if tls.cafile:
+            context.load_verify_locations(tls.cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls: {exc}") from exc
+    if tls.verify_client:
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context

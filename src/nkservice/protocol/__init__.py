@@ -1,0 +1,1 @@
+"""The wire protocol with no I/O: messages, framing and the per-connection state machine."""

@@ -1,0 +1,276 @@
+"""The state of one connection, with no I/O (PROTOCOL.md §1).
+
+`Connection` is fed whole messages (`receive`) and clock ticks (`on_timer`); it writes bytes,
+asks to be woken and asks to be closed through the `Wire` it is given, and hands requests
+to its `RequestHandler`. It owns what the protocol itself fixes:
+
+- the two pending tables: client requests the server still has to answer (a count, for
+  `max_pending_requests`) and server requests waiting for the client's answer, keyed by the
+  server's own integer tids, so a client tid can never collide with a server tid;
+- deadlines: `request_timeout` for each server request, moved to `ack_timeout` by every ack,
+  the login deadline, and the ping timer after login. A missed deadline closes the
+  connection. There is one wake-up time per connection, not a timer per request: adding a
+  request only moves it earlier; acks and answers leave it, and a wake-up that finds
+  nothing due just computes the next one;
+- the bad-input rules of §1.4.
+
+Tests drive it with a fake clock and a recording `Wire`; transports drive it with the
+event loop's clock and a socket.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from nkservice.errors import ApiError, ErrorCode
+from nkservice.protocol.messages import (
+    Ack,
+    BadMessage,
+    Request,
+    Response,
+    Tid,
+    decode,
+    encode_ack,
+    encode_error,
+    encode_ok,
+    encode_request,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The per-connection settings of a service (PROTOCOL.md §11), in seconds and bytes."""
+
+    request_timeout: float = 5.0
+    ack_timeout: float = 180.0
+    ping_interval: float = 60.0
+    login_timeout: float = 30.0
+    max_message_size: int = 1 << 20
+    max_pending_requests: int = 1000
+    max_bad_messages: int = 20
+
+
+class Wire(Protocol):
+    """What a connection needs from its transport."""
+
+    def send(self, data: bytes) -> None:
+        """Write one message (the transport adds framing)."""
+
+    def close(self, reason: str) -> None:
+        """Flush what was sent, then end the connection."""
+
+    def wake_at(self, when: float) -> None:
+        """Call `Connection.on_timer` at `when`, instead of any earlier-requested time."""
+
+
+class Waiter(Protocol):
+    """Whoever waits for the answer to a request the server sent."""
+
+    def answered(self, response: Response) -> None: ...
+
+    def acked(self) -> None: ...
+
+    def failed(self, error: ApiError) -> None: ...
+
+
+class RequestHandler(Protocol):
+    def on_request(self, request: Request) -> None:
+        """Handle a client request; answer it later with `reply`, `reply_error` (and `ack`)."""
+
+    def on_closed(self) -> None:
+        """The connection is gone, whichever side ended it."""
+
+
+class _Sent:
+    __slots__ = ("deadline", "waiter")
+
+    def __init__(self, deadline: float, waiter: Waiter | None) -> None:
+        self.deadline = deadline
+        self.waiter = waiter
+
+
+class Connection:
+    __slots__ = (
+        "_bad_messages",
+        "_clock",
+        "_end_error",
+        "_login_deadline",
+        "_next_ping",
+        "_next_tid",
+        "_sent",
+        "_unanswered",
+        "_wake",
+        "_wire",
+        "closed",
+        "handler",
+        "limits",
+    )
+
+    def __init__(self, limits: Limits, wire: Wire, clock: Callable[[], float],
+                 handler: RequestHandler) -> None:
+        self.limits = limits
+        self.handler = handler
+        self.closed = False
+        self._wire = wire
+        self._clock = clock
+        self._next_tid = 1
+        self._sent: dict[int, _Sent] = {}
+        self._unanswered = 0
+        self._bad_messages = 0
+        self._next_ping: float | None = None
+        self._wake: float | None = None
+        self._end_error = ErrorCode.session_not_found
+        self._login_deadline: float | None = clock() + limits.login_timeout
+        self._want_wake(self._login_deadline)
+
+    # -- input ---------------------------------------------------------------------------
+
+    def receive(self, raw: bytes) -> None:
+        """One whole message from the peer (framing already removed)."""
+        if self.closed:
+            return
+        if len(raw) > self.limits.max_message_size:
+            self.message_too_large()
+            return
+        try:
+            message = decode(raw)
+        except BadMessage as bad:
+            self._bad_input(bad)
+            return
+        if type(message) is Request:
+            if self._unanswered >= self.limits.max_pending_requests:
+                self._wire.send(encode_error(message.tid, ApiError(ErrorCode.too_many_requests)))
+                return
+            self._unanswered += 1
+            self.handler.on_request(message)
+        elif type(message) is Response:
+            sent = self._sent.pop(message.tid, None) if type(message.tid) is int else None
+            if sent is None:
+                log.debug("ignoring a response to unknown tid %r", message.tid)
+            elif sent.waiter is not None:
+                sent.waiter.answered(message)
+        else:
+            assert type(message) is Ack
+            sent = self._sent.get(message.tid) if type(message.tid) is int else None
+            if sent is None:
+                log.debug("ignoring an ack of unknown tid %r", message.tid)
+                return
+            sent.deadline = self._clock() + self.limits.ack_timeout
+            if sent.waiter is not None:
+                sent.waiter.acked()
+
+    def message_too_large(self) -> None:
+        """The transport saw a message over the limit: answer, then close (§1.4)."""
+        if not self.closed:
+            self._wire.send(encode_error(None, ApiError(ErrorCode.message_too_large)))
+            self.close("message too large")
+
+    def _bad_input(self, bad: BadMessage) -> None:
+        self._wire.send(encode_error(bad.tid, ApiError(bad.error)))
+        self._bad_messages += 1
+        if self._bad_messages > self.limits.max_bad_messages:
+            self.close("too many bad messages")
+
+    # -- answering client requests ---------------------------------------------------------
+
+    def reply(self, tid: Tid, data: Any = None) -> None:
+        self._answered()
+        if not self.closed:
+            self._wire.send(encode_ok(tid, data))
+
+    def reply_error(self, tid: Tid, error: ApiError) -> None:
+        self._answered()
+        if not self.closed:
+            self._wire.send(encode_error(tid, error))
+
+    def ack(self, tid: Tid) -> None:
+        if not self.closed:
+            self._wire.send(encode_ack(tid))
+
+    def _answered(self) -> None:
+        if self._unanswered > 0:
+            self._unanswered -= 1
+
+    # -- requests to the client ------------------------------------------------------------
+
+    def send_request(self, class_: str, cmd: str, data: Any = None, *,
+                     subclass: str | None = None, waiter: Waiter | None = None) -> int:
+        """Send a request the client must answer within `request_timeout` (or acks)."""
+        tid = self._next_tid
+        self._next_tid += 1
+        if self.closed:
+            if waiter is not None:
+                waiter.failed(ApiError(ErrorCode.session_not_found, "connection closed"))
+            return tid
+        deadline = self._clock() + self.limits.request_timeout
+        self._sent[tid] = _Sent(deadline, waiter)
+        self._wire.send(encode_request(tid, class_, cmd, data, subclass))
+        self._want_wake(deadline)
+        return tid
+
+    @property
+    def awaiting_answers(self) -> int:
+        return len(self._sent)
+
+    # -- time --------------------------------------------------------------------------------
+
+    def logged_in(self) -> None:
+        """Stop the login deadline and start the pings (§1.3)."""
+        self._login_deadline = None
+        interval = self.limits.ping_interval
+        if interval > 0:
+            self._next_ping = self._clock() + interval
+            self._want_wake(self._next_ping)
+
+    def on_timer(self) -> None:
+        self._wake = None
+        if self.closed:
+            return
+        now = self._clock()
+        if self._login_deadline is not None and now >= self._login_deadline:
+            self.close("login timeout")
+            return
+        if self._next_ping is not None and now >= self._next_ping:
+            interval = self.limits.ping_interval
+            self._next_ping = now + interval
+            self.send_request("core", "ping", {"time": interval})
+        earliest = self._login_deadline or self._next_ping
+        for sent in self._sent.values():
+            if sent.deadline <= now:
+                self.close("request timeout", waiters_get=ErrorCode.timeout)
+                return
+            if earliest is None or sent.deadline < earliest:
+                earliest = sent.deadline
+        if earliest is not None:
+            self._want_wake(earliest)
+
+    def _want_wake(self, when: float) -> None:
+        if self._wake is None or when < self._wake:
+            self._wake = when
+            self._wire.wake_at(when)
+
+    # -- the end -----------------------------------------------------------------------------
+
+    def close(self, reason: str, *,
+              waiters_get: ErrorCode = ErrorCode.session_not_found) -> None:
+        """End the connection from this side; whatever waited on the client fails."""
+        if not self.closed:
+            self._end_error = waiters_get
+            self._wire.close(reason)
+            self.lost()
+
+    def lost(self) -> None:
+        """The transport is gone (or `close` was called): fail waiters, tell the handler."""
+        if self.closed:
+            return
+        self.closed = True
+        sent, self._sent = self._sent, {}
+        for entry in sent.values():
+            if entry.waiter is not None:
+                entry.waiter.failed(ApiError(self._end_error, "connection closed"))
+        self.handler.on_closed()

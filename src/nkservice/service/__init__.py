@@ -1,0 +1,1 @@
+"""Services: configuration, sessions, login, roles and the core commands."""

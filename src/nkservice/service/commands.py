@@ -1,0 +1,145 @@
+"""The core commands of PROTOCOL.md §6 that act on users and sessions, and `ping`.
+
+Each command is a function of the calling session and its request that returns the reply's
+`data` (or a coroutine that will), or raises `ApiError`. `TABLE` maps the subclass form
+(`user`/`list`, …) to the command and the least role that may run it; the seed's flat names
+are mapped to these keys by `protocol.names`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from nkservice.errors import ApiError, ErrorCode
+from nkservice.protocol.messages import Request
+from nkservice.service.permissions import Role
+from nkservice.service.waiters import FutureWaiter
+
+if TYPE_CHECKING:
+    from nkservice.service.service import Service
+    from nkservice.service.session import Session
+
+T = TypeVar("T")
+session_log = logging.getLogger("nkservice.session")
+
+# syslog severities (GELF levels) 1-7 → Python logging levels
+_LOG_LEVELS = {1: logging.CRITICAL, 2: logging.CRITICAL, 3: logging.ERROR, 4: logging.WARNING,
+               5: logging.INFO, 6: logging.INFO, 7: logging.DEBUG}
+
+
+# -- fields of `data` ------------------------------------------------------------------------
+
+def _of_type(value: Any, name: str, kind: type[T]) -> T:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # JSON does not tell 5 from 5.0
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ApiError(ErrorCode.syntax_error, name)
+    if kind is float and value < 0:  # type: ignore[operator]
+        raise ApiError(ErrorCode.invalid_value, name)
+    return value
+
+
+def required(fields: dict[str, Any], name: str, kind: type[T]) -> T:
+    if name not in fields:
+        raise ApiError(ErrorCode.missing_field, name)
+    return _of_type(fields[name], name, kind)
+
+
+def optional(fields: dict[str, Any], name: str, kind: type[T], default: T) -> T:
+    value = fields.get(name)
+    return default if value is None else _of_type(value, name, kind)
+
+
+def target_service(caller: Session, fields: dict[str, Any]) -> Service:
+    """The service a command acts on: the caller's, or for the admin the one it names."""
+    name = optional(fields, "service", str, caller.service.name)
+    if name == caller.service.name:
+        return caller.service
+    if caller.role is not Role.admin:
+        raise ApiError(ErrorCode.unauthorized)
+    found = caller.service.directory.find_service(name)
+    if found is None:
+        raise ApiError(ErrorCode.service_not_found)
+    return found
+
+
+# -- the commands ------------------------------------------------------------------------------
+
+def ping(caller: Session, request: Request) -> Any:
+    return None
+
+
+def list_users(caller: Session, request: Request) -> Any:
+    service = target_service(caller, request.fields)
+    return {user: list(sessions) for user, sessions in service.users.items()}
+
+
+def get_user(caller: Session, request: Request) -> Any:
+    fields = request.fields
+    user = required(fields, "user", str)
+    sessions = target_service(caller, fields).users.get(user)
+    if not sessions:
+        raise ApiError(ErrorCode.user_not_found)
+    return {session_id: session.describe() for session_id, session in sessions.items()}
+
+
+def stop_session(caller: Session, request: Request) -> Any:
+    fields = request.fields
+    session_id = required(fields, "session_id", str)
+    target = target_service(caller, fields).session(session_id)
+    # Stop it after the answer is written: the caller may be stopping itself.
+    asyncio.get_running_loop().call_soon(target.stop, f"stopped by {caller.user}")
+    return {"user": target.user}
+
+
+async def session_cmd(caller: Session, request: Request) -> Any:
+    """Forward a request to another session and pass its answer (or error) back."""
+    fields = request.fields
+    session_id = required(fields, "session_id", str)
+    class_ = required(fields, "class", str)
+    cmd = required(fields, "cmd", str)
+    subclass = optional(fields, "subclass", str, "") or None
+    timeout = optional(fields, "timeout", float, 0.0) or None
+    target = target_service(caller, fields).session(session_id)
+    waiter = FutureWaiter(on_ack=lambda: caller.conn.ack(request.tid))
+    target.conn.send_request(class_, cmd, fields.get("data"), subclass=subclass, waiter=waiter)
+    response = await waiter.response(within=timeout)
+    if response.ok:
+        return response.data
+    raise response.error()
+
+
+def log_message(caller: Session, request: Request) -> Any:
+    fields = request.fields
+    source = required(fields, "source", str)
+    message = required(fields, "message", str)
+    level = optional(fields, "level", int, 6)
+    if level not in _LOG_LEVELS:
+        raise ApiError(ErrorCode.invalid_value, "level")
+    full_message = optional(fields, "full_message", str, "")
+    meta = optional(fields, "meta", dict, {})
+    session_log.log(_LOG_LEVELS[level], "[%s] %s: %s%s", caller.service.name, source, message,
+                    f"\n{full_message}" if full_message else "",
+                    extra={"nk_user": caller.user, "nk_session_id": caller.session_id,
+                           "nk_service": caller.service.name, "nk_meta": meta})
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    handler: Callable[[Session, Request], Any]
+    least_role: Role
+
+
+TABLE: dict[tuple[str, str], Command] = {
+    ("user", "list"): Command(list_users, Role.service_admin),
+    ("user", "get"): Command(get_user, Role.service_admin),
+    ("session", "stop"): Command(stop_session, Role.service_admin),
+    ("session", "cmd"): Command(session_cmd, Role.service_admin),
+    ("session", "log"): Command(log_message, Role.user),
+    ("core", "ping"): Command(ping, Role.user),
+}

@@ -1,0 +1,269 @@
+"""Node configuration and service definitions (PROTOCOL.md §11), read once at the edge.
+
+`load_config(path)` reads the TOML file (or nothing: the embedded default) into frozen
+dataclasses; everything below the node receives these, never raw tables. Unknown keys and
+values of the wrong type are refused with the key's full name, so a typo in a config file
+fails the start instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from nkservice.protocol.connection import Limits
+
+DEFAULT_ADMIN = ("admin", "admin")
+DEFAULT_CORE_LISTEN = ("ws://127.0.0.1:9010/", "tcp://127.0.0.1:9010")
+DEFAULT_PORTS = {"tcp": 9010, "ws": 9010, "tls": 9011, "wss": 9011}
+SCHEMES = tuple(DEFAULT_PORTS)
+
+
+T = TypeVar("T")
+N = TypeVar("N", int, float)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    user: str
+    password: str  # plain text or "scrypt$..." (see passwords.py)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenUrl:
+    scheme: str
+    host: str
+    port: int
+    path: str  # WebSocket request path; "" for tcp and tls
+
+    @property
+    def secure(self) -> bool:
+        return self.scheme in ("tls", "wss")
+
+    @property
+    def is_websocket(self) -> bool:
+        return self.scheme in ("ws", "wss")
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}{self.path}"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    certfile: str = ""
+    keyfile: str = ""
+    cafile: str = ""
+    verify_client: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class GelfConfig:
+    host: str = ""
+    port: int = 12201
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    name: str
+    listen: tuple[ListenUrl, ...] = ()
+    admin: Credentials | None = None
+    users: dict[str, str] = field(default_factory=dict)
+    plugins: tuple[str, ...] = ()
+    script: str = ""
+    script_code: str = ""
+    limits: Limits = field(default_factory=Limits)
+    login_failure_delay: float = 0.1  # the first failed login's delay; doubles, at most 5 s
+    resume_window: float = 0.0
+    resume_buffer: int = 100
+    max_queue: int = 1000
+    max_queue_bytes: int = 16 * 1024 * 1024
+    lua_timeout: float = 1.0
+    lua_memory: int = 16 * 1024 * 1024
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    gelf: GelfConfig = field(default_factory=GelfConfig)
+    permissions: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    origin: str = "config"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    admin: Credentials
+    core: ServiceConfig
+    services: dict[str, ServiceConfig]
+    data_dir: Path = Path(".nkservice")
+    workers: int = 1
+    cluster: str = ""
+    is_embedded_default: bool = False
+
+    @property
+    def uses_default_password(self) -> bool:
+        return (self.admin.user, self.admin.password) == DEFAULT_ADMIN
+
+
+def load_config(path: Path | None) -> NodeConfig:
+    if path is None:
+        return parse_node_config({}, Path.cwd(), is_embedded_default=True)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return parse_node_config(table, path.parent)
+
+
+def parse_node_config(table: dict[str, Any], base_dir: Path, *,
+                      is_embedded_default: bool = False) -> NodeConfig:
+    _known(table, "", {"node", "admin", "core", "services"})
+    node = _table(table, "node")
+    _known(node, "node.", {"data_dir", "workers", "cluster"})
+    admin = _table(table, "admin")
+    _known(admin, "admin.", {"user", "password"})
+    core = {"listen": list(DEFAULT_CORE_LISTEN), **_table(table, "core")}
+    services = {
+        name: parse_service(name, _table(_table(table, "services"), name), base_dir,
+                            where=f"services.{name}.")
+        for name in _table(table, "services")
+    }
+    if "core" in services:
+        raise ConfigError("services.core: the name 'core' is the [core] table's")
+    data_dir = Path(_get(node, "node.data_dir", str, ".nkservice"))
+    return NodeConfig(
+        admin=Credentials(_get(admin, "admin.user", str, DEFAULT_ADMIN[0]),
+                          _get(admin, "admin.password", str, DEFAULT_ADMIN[1])),
+        core=parse_service("core", core, base_dir, where="core."),
+        services=services,
+        data_dir=data_dir if data_dir.is_absolute() else base_dir / data_dir,
+        workers=_get(node, "node.workers", int, 1),
+        cluster=_get(node, "node.cluster", str, ""),
+        is_embedded_default=is_embedded_default,
+    )
+
+
+_LIMIT_KEYS = {f.name for f in fields(Limits)}
+_SERVICE_KEYS = {
+    "listen", "admin", "users", "plugins", "script", "script_code", "login_failure_delay",
+    "resume_window", "resume_buffer", "max_queue", "max_queue_bytes", "lua_timeout",
+    "lua_memory", "tls", "gelf", "permissions",
+} | _LIMIT_KEYS
+
+
+def parse_service(name: str, table: dict[str, Any], base_dir: Path, *, where: str = "",
+                  origin: str = "config") -> ServiceConfig:
+    """A service definition from a TOML table or a `create_service` JSON object."""
+    _known(table, where, _SERVICE_KEYS)
+    listen = _get(table, f"{where}listen", list, [])
+    admin = table.get("admin")
+    if admin is not None:
+        admin = _as(admin, f"{where}admin", dict)
+        _known(admin, f"{where}admin.", {"user", "password"})
+        admin = Credentials(_get(admin, f"{where}admin.user", str, ""),
+                            _get(admin, f"{where}admin.password", str, ""))
+    users = _get(table, f"{where}users", dict, {})
+    for user, password in users.items():
+        _as(password, f"{where}users.{user}", str)
+    tls = _get(table, f"{where}tls", dict, {})
+    _known(tls, f"{where}tls.", {f.name for f in fields(TlsConfig)})
+    gelf = _get(table, f"{where}gelf", dict, {})
+    _known(gelf, f"{where}gelf.", {"host", "port"})
+    permissions = _get(table, f"{where}permissions", dict, {})
+    defaults = Limits()
+    limits = Limits(**{
+        key: _number(table, f"{where}{key}", type(getattr(defaults, key)), getattr(defaults, key))
+        for key in _LIMIT_KEYS
+    })
+    script = _get(table, f"{where}script", str, "")
+    return ServiceConfig(
+        name=name,
+        listen=tuple(parse_listen_url(_as(url, f"{where}listen", str)) for url in listen),
+        admin=admin,
+        users=dict(users),
+        plugins=tuple(_as(p, f"{where}plugins", str) for p in _get(table, f"{where}plugins",
+                                                                   list, [])),
+        script=str(base_dir / script) if script else "",
+        script_code=_get(table, f"{where}script_code", str, ""),
+        limits=limits,
+        login_failure_delay=_number(table, f"{where}login_failure_delay", float, 0.1),
+        resume_window=_number(table, f"{where}resume_window", float, 0.0),
+        resume_buffer=_number(table, f"{where}resume_buffer", int, 100),
+        max_queue=_number(table, f"{where}max_queue", int, 1000),
+        max_queue_bytes=_number(table, f"{where}max_queue_bytes", int, 16 * 1024 * 1024),
+        lua_timeout=_number(table, f"{where}lua_timeout", float, 1.0),
+        lua_memory=_number(table, f"{where}lua_memory", int, 16 * 1024 * 1024),
+        tls=TlsConfig(
+            certfile=_path(tls, f"{where}tls.certfile", base_dir),
+            keyfile=_path(tls, f"{where}tls.keyfile", base_dir),
+            cafile=_path(tls, f"{where}tls.cafile", base_dir),
+            verify_client=_get(tls, f"{where}tls.verify_client", bool, False),
+        ),
+        gelf=GelfConfig(_get(gelf, f"{where}gelf.host", str, ""),
+                        _get(gelf, f"{where}gelf.port", int, 12201)),
+        permissions={
+            role: tuple(_as(p, f"{where}permissions.{role}", str)
+                        for p in _as(patterns, f"{where}permissions.{role}", list))
+            for role, patterns in permissions.items()
+        },
+        origin=origin,
+    )
+
+
+def parse_listen_url(url: str) -> ListenUrl:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"listen URL {url!r}: {exc}") from exc
+    if parts.scheme not in SCHEMES:
+        raise ConfigError(f"listen URL {url!r}: the scheme must be one of {', '.join(SCHEMES)}")
+    if not parts.hostname:
+        raise ConfigError(f"listen URL {url!r}: a host is needed")
+    ws = parts.scheme in ("ws", "wss")
+    return ListenUrl(
+        scheme=parts.scheme,
+        host=parts.hostname,
+        port=port if port is not None else DEFAULT_PORTS[parts.scheme],
+        path=(parts.path or "/") if ws else "",
+    )
+
+
+def _known(table: dict[str, Any], where: str, keys: set[str]) -> None:
+    unknown = sorted(set(table) - keys)
+    if unknown:
+        raise ConfigError(f"unknown key {where}{unknown[0]}")
+
+
+def _table(table: dict[str, Any], key: str) -> dict[str, Any]:
+    return _get(table, key, dict, {})
+
+
+def _as(value: Any, key: str, kind: type[T]) -> T:
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _get(table: dict[str, Any], key: str, kind: type[T], default: T) -> T:
+    name = key.rsplit(".", 1)[-1]
+    return _as(table[name], key, kind) if name in table else default
+
+
+def _number(table: dict[str, Any], key: str, kind: type[N], default: N) -> N:
+    name = key.rsplit(".", 1)[-1]
+    if name not in table:
+        return default
+    value = table[name]
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{key}: expected a non-negative number, got {value!r}")
+    if kind is int and not isinstance(value, int):
+        raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+    return kind(value)
+
+
+def _path(table: dict[str, Any], key: str, base_dir: Path) -> str:
+    value = _get(table, key, str, "")
+    return str(base_dir / value) if value else ""

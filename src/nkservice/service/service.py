@@ -1,0 +1,105 @@
+"""A service: its configuration, its live sessions and its hook points (PROTOCOL.md §3, §4)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+from nkservice.errors import ApiError, ErrorCode
+from nkservice.protocol.connection import Connection, Wire
+from nkservice.protocol.messages import Request
+from nkservice.service.config import Credentials, ServiceConfig
+from nkservice.service.login import LoginStep, login_chain
+from nkservice.service.session import Session
+
+log = logging.getLogger(__name__)
+
+
+class Directory(Protocol):
+    """What a service needs from its node: the global admin and the other services."""
+
+    @property
+    def admin(self) -> Credentials: ...
+
+    def find_service(self, name: str) -> Service | None: ...
+
+
+class Service:
+    def __init__(self, config: ServiceConfig, directory: Directory,
+                 login_logic: list[LoginStep] | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.directory = directory
+        self.login_chain = login_chain(directory.admin, config.admin, config.users,
+                                       login_logic or [], is_core=config.name == "core")
+        self.sessions: dict[str, Session] = {}
+        self.users: dict[str, dict[str, Session]] = {}
+        self.connections: set[Session] = set()  # logged in or not, for shutdown
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def accept(self, wire: Wire, clock: Callable[[], float], transport: str, host: str,
+               port: int) -> Connection:
+        """A new connection on one of this service's listeners."""
+        session = Session(self, wire, clock, transport, f"{transport}:{host}:{port}")
+        self.connections.add(session)
+        return session.conn
+
+    # -- the registry ----------------------------------------------------------------------
+
+    def claim_session_id(self, session_id: str, user: str) -> None:
+        """Make room for a session id chosen at login (§3.3), or refuse it."""
+        holder = self.sessions.get(session_id)
+        if holder is None:
+            return
+        if holder.user != user:
+            raise ApiError(ErrorCode.duplicated_session_id)
+        holder.stop("replaced by a new login with the same session id")
+        self.remove(holder)
+
+    def add(self, session: Session) -> None:
+        self.sessions[session.session_id] = session
+        self.users.setdefault(session.user, {})[session.session_id] = session
+
+    def closed(self, session: Session) -> None:
+        self.connections.discard(session)
+        self.remove(session)
+
+    def remove(self, session: Session) -> None:
+        if self.sessions.get(session.session_id) is not session:
+            return
+        del self.sessions[session.session_id]
+        of_user = self.users[session.user]
+        del of_user[session.session_id]
+        if not of_user:
+            del self.users[session.user]
+
+    def session(self, session_id: str) -> Session:
+        found = self.sessions.get(session_id)
+        if found is None:
+            raise ApiError(ErrorCode.session_not_found)
+        return found
+
+    # -- hook points -----------------------------------------------------------------------
+
+    def client_event(self, session: Session, request: Request) -> None:
+        """A client event (§5.3): the service's event logic (plugins, callbacks) plugs in here."""
+        log.debug("client event %s from %s", request.class_, session.session_id)
+
+    def handle_class(self, session: Session, request: Request) -> Any:
+        """A request of a non-core class: plugins, scripts and `cmd` callbacks plug in here."""
+        raise ApiError(ErrorCode.unknown_class, request.class_)
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def stop(self, reason: str) -> None:
+        for session in list(self.connections):
+            session.stop(reason)
+        for task in list(self._tasks):
+            task.cancel()

@@ -1,0 +1,1 @@
+"""Transport adapters: they move bytes between sockets and a `Connection`, nothing more."""

@@ -1,0 +1,66 @@
+"""The `tcp` and `tls` transports: newline-delimited JSON over a stream (PROTOCOL.md §2)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+
+from nkservice.protocol.connection import Connection
+from nkservice.protocol.framing import LineFramer, MessageTooLarge
+from nkservice.transport.base import Accept, WakeUps, peer_address
+
+
+class LineProtocol(asyncio.Protocol):
+    __slots__ = ("_accept", "_conn", "_framer", "_scheme", "_transport", "_wakeups")
+
+    def __init__(self, accept: Accept, scheme: str) -> None:
+        self._accept = accept
+        self._scheme = scheme
+        self._transport: asyncio.Transport | None = None
+        self._conn: Connection | None = None
+        self._framer: LineFramer | None = None
+        self._wakeups: WakeUps | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self._transport = cast(asyncio.Transport, transport)
+        loop = asyncio.get_running_loop()
+        self._wakeups = WakeUps(loop)
+        host, port = peer_address(transport)
+        self._conn = self._accept(self, loop.time, self._scheme, host, port)
+        self._wakeups.attach(self._conn)
+        self._framer = LineFramer(self._conn.limits.max_message_size)
+
+    def data_received(self, data: bytes) -> None:
+        assert self._conn is not None and self._framer is not None
+        try:
+            messages = self._framer.feed(data)
+        except MessageTooLarge:
+            self._conn.message_too_large()
+            return
+        receive = self._conn.receive
+        for message in messages:
+            receive(message)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._wakeups is not None:
+            self._wakeups.cancel()
+        if self._conn is not None:
+            self._conn.lost()
+
+    # -- Wire --------------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        assert self._transport is not None
+        self._transport.write(data + b"\n")
+
+    def close(self, reason: str) -> None:
+        assert self._transport is not None
+        self._transport.close()
+
+    def wake_at(self, when: float) -> None:
+        assert self._wakeups is not None
+        self._wakeups.wake_at(when)

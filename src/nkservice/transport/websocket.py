@@ -1,0 +1,154 @@
+"""The `ws` and `wss` transports: one message per WebSocket frame (PROTOCOL.md §2), on picows.
+
+picows parses frames in C and hands each one to a `WSListener`; `MessageListener` joins
+fragmented messages, applies the size limit and the text-frame UTF-8 rule of §1.4, and
+passes whole messages to the `Connection`. Other HTTP requests get a plain 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Collection
+
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest
+from picows.picows import WSAutoPingStrategy, WSProtocol  # type: ignore[attr-defined]
+
+from nkservice.protocol.connection import Connection
+from nkservice.protocol.framing import FragmentAssembler, MessageTooLarge
+from nkservice.transport.base import Accept, WakeUps, peer_address
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 5.0
+# The read buffer grows on demand; a small start keeps idle connections cheap.
+READ_BUFFER_INIT_SIZE = 1024
+_TEXT, _BINARY, _CONTINUATION, _CLOSE = (WSMsgType.TEXT, WSMsgType.BINARY,
+                                          WSMsgType.CONTINUATION, WSMsgType.CLOSE)
+
+
+class MessageListener(WSListener):
+    __slots__ = ("_accept", "_conn", "_fragments", "_max_size", "_scheme", "_wakeups", "_ws")
+
+    def __init__(self, accept: Accept, scheme: str) -> None:
+        super().__init__()
+        self._accept = accept
+        self._scheme = scheme
+        self._ws: WSTransport | None = None
+        self._conn: Connection | None = None
+        self._wakeups: WakeUps | None = None
+        self._fragments: FragmentAssembler | None = None  # made for the first fragmented message
+        self._max_size = 0
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self._ws = transport
+        loop = asyncio.get_running_loop()
+        self._wakeups = WakeUps(loop)
+        host, port = peer_address(transport.underlying_transport)
+        self._conn = self._accept(self, loop.time, self._scheme, host, port)
+        self._wakeups.attach(self._conn)
+        self._max_size = self._conn.limits.max_message_size
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        if kind is _TEXT or kind is _BINARY:
+            if frame.fin:
+                self._message(frame.get_payload_as_bytes(), kind is _TEXT)
+            else:
+                self._first_fragment(frame.get_payload_as_bytes(), kind is _TEXT)
+        elif kind is _CONTINUATION:
+            self._next_fragment(frame.get_payload_as_bytes(), frame.fin)
+        elif kind is _CLOSE:
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+    def _message(self, payload: bytes, is_text: bool) -> None:
+        assert self._conn is not None
+        if len(payload) > self._max_size:
+            self._conn.message_too_large()
+        elif is_text and not payload.isascii() and not _is_utf8(payload):
+            self._close_transport(WSCloseCode.INVALID_TEXT, "invalid UTF-8 in a text frame")
+        else:
+            self._conn.receive(payload)
+
+    def _first_fragment(self, payload: bytes, is_text: bool) -> None:
+        if self._fragments is None:
+            self._fragments = FragmentAssembler(self._max_size)
+        self._add_fragment(lambda fragments: fragments.start(payload, is_text))
+
+    def _next_fragment(self, payload: bytes, fin: bool) -> None:
+        fragments = self._fragments
+        if fragments is None or not fragments.in_progress:
+            self._close_transport(WSCloseCode.PROTOCOL_ERROR, "unexpected continuation frame")
+            return
+        self._add_fragment(lambda fragments: fragments.add(payload))
+        if fin:
+            self._message(fragments.finish(), fragments.is_text)
+
+    def _add_fragment(self, add: Callable[[FragmentAssembler], None]) -> None:
+        assert self._fragments is not None and self._conn is not None
+        try:
+            add(self._fragments)
+        except MessageTooLarge:
+            self._conn.message_too_large()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if self._wakeups is not None:
+            self._wakeups.cancel()
+        if self._conn is not None:
+            self._conn.lost()
+
+    def _close_transport(self, code: WSCloseCode, reason: str) -> None:
+        assert self._ws is not None
+        self._ws.send_close(code, reason.encode()[:120])
+        self._ws.disconnect()
+
+    # -- Wire --------------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        assert self._ws is not None
+        self._ws.send(_TEXT, data)
+
+    def close(self, reason: str) -> None:
+        self._close_transport(WSCloseCode.OK, reason)
+
+    def wake_at(self, when: float) -> None:
+        assert self._wakeups is not None
+        self._wakeups.wake_at(when)
+
+
+def _is_utf8(payload: bytes) -> bool:
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def websocket_protocol_factory(accept: Accept, scheme: str, paths: Collection[str],
+                               max_frame_size: int) -> Callable[[], asyncio.BufferedProtocol]:
+    """An asyncio protocol factory for a WebSocket listener serving `paths`."""
+    wanted = {path.encode() for path in paths}
+
+    def route(request: WSUpgradeRequest) -> MessageListener | None:
+        path = request.path.split(b"?", 1)[0]
+        return MessageListener(accept, scheme) if path in wanted else None  # None → 404
+
+    server_log = logging.getLogger("nkservice.transport.picows")
+
+    def make() -> asyncio.BufferedProtocol:
+        # picows.ws_create_server builds the same object; building it here lets a listener
+        # hand a sniffed connection over to it (see sniffing.py).
+        protocol: asyncio.BufferedProtocol = WSProtocol(
+            None, None, False, route, server_log,
+            True,  # disconnect_on_exception
+            HANDSHAKE_TIMEOUT,
+            False, 20.0, 20.0, WSAutoPingStrategy.PING_WHEN_IDLE,  # WebSocket-level pings: off
+            True,  # enable_auto_pong
+            max_frame_size,
+            None,  # extra_headers
+            READ_BUFFER_INIT_SIZE,
+        )
+        return protocol
+
+    return make
