@@ -80,6 +80,7 @@ class Node:
                 websocket_paths={url.path for url in port.urls if url.is_websocket},
                 tls=tls if port.secure else None,
                 max_message_size=definition.limits.max_message_size,
+                login_timeout=definition.limits.login_timeout,
             )
             servers.append((port, server))
         for url in self.urls(definition.name):
@@ -105,15 +106,18 @@ class Node:
 
 
 def _ports_of(definition: ServiceConfig) -> list[_Port]:
-    grouped: dict[tuple[str, int], list[ListenUrl]] = defaultdict(list)
+    """Group URLs into sockets: tcp+ws (or tls+wss) on one host and port share one.
+
+    Port 0 asks for any free port: the plain URLs of a host get one, the secure ones another.
+    """
+    grouped: dict[tuple[str, int, bool], list[ListenUrl]] = defaultdict(list)
     for url in definition.listen:
-        grouped[(url.host, url.port)].append(url)
-    ports = []
-    for (host, port), urls in grouped.items():
-        if len({url.secure for url in urls}) > 1:
-            raise ConfigError(f"{definition.name}: {host}:{port} mixes secure and plain "
-                              "URLs; only tcp+ws or tls+wss may share a port")
-        ports.append(_Port(host, port, tuple(urls)))
+        grouped[(url.host, url.port, url.secure)].append(url)
+    ports = [_Port(host, port, tuple(urls)) for (host, port, _), urls in grouped.items()]
+    numbered = [(p.host, p.port) for p in ports if p.port]
+    if len(numbered) != len(set(numbered)):
+        raise ConfigError(f"{definition.name}: a port mixes secure and plain URLs; only "
+                          "tcp+ws or tls+wss may share a port")
     return ports
 
 

@@ -21,19 +21,26 @@ ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
 
 class SniffingProtocol(asyncio.Protocol):
-    __slots__ = ("_make_lines", "_make_websocket", "_transport")
+    __slots__ = ("_deadline", "_make_lines", "_make_websocket", "_silence_limit", "_transport")
 
-    def __init__(self, make_lines: ProtocolFactory, make_websocket: ProtocolFactory) -> None:
+    def __init__(self, make_lines: ProtocolFactory, make_websocket: ProtocolFactory,
+                 silence_limit: float) -> None:
         self._make_lines = make_lines
         self._make_websocket = make_websocket
+        self._silence_limit = silence_limit
         self._transport: asyncio.Transport | None = None
+        self._deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         self._transport = cast(asyncio.Transport, transport)
+        # A peer that says nothing has not logged in either: same deadline.
+        self._deadline = asyncio.get_running_loop().call_later(self._silence_limit,
+                                                               transport.close)
 
     def data_received(self, data: bytes) -> None:
-        assert self._transport is not None
+        assert self._transport is not None and self._deadline is not None
+        self._deadline.cancel()
         is_http = data[:1].isalpha() and data[:1].isupper()
         protocol = (self._make_websocket if is_http else self._make_lines)()
         self._transport.set_protocol(protocol)
@@ -41,7 +48,8 @@ class SniffingProtocol(asyncio.Protocol):
         _replay(protocol, data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        pass  # gone before saying anything: nothing was set up
+        if self._deadline is not None:  # gone before saying anything
+            self._deadline.cancel()
 
 
 def _replay(protocol: asyncio.BaseProtocol, data: bytes) -> None:
@@ -60,7 +68,7 @@ def _replay(protocol: asyncio.BaseProtocol, data: bytes) -> None:
 
 async def listen(accept: Accept, host: str, port: int, *, lines: bool, websocket_paths:
                  Collection[str], tls: ssl.SSLContext | None, max_message_size: int,
-                 reuse_port: bool = False) -> asyncio.Server:
+                 login_timeout: float, reuse_port: bool = False) -> asyncio.Server:
     """Listen on host:port for newline JSON (`lines`), WebSocket (`websocket_paths`), or both."""
     secure = tls is not None
     lines_scheme, websocket_scheme = ("tls", "wss") if secure else ("tcp", "ws")
@@ -75,7 +83,7 @@ async def listen(accept: Accept, host: str, port: int, *, lines: bool, websocket
     factory: ProtocolFactory
     if lines and websocket_paths:
         def factory() -> asyncio.BaseProtocol:
-            return SniffingProtocol(make_lines, make_websocket)
+            return SniffingProtocol(make_lines, make_websocket, login_timeout)
     elif websocket_paths:
         factory = make_websocket
     else:

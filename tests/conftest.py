@@ -1,0 +1,117 @@
+"""Fixtures: TLS certificates, an in-process node on ephemeral ports, raw peers."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+import uvloop
+
+from nkservice.node import Node
+from nkservice.service.config import parse_node_config
+from tests.wire import Peer
+
+TRANSPORTS = ["tcp", "tls", "ws", "wss"]
+ALL_URLS = ["tcp://127.0.0.1:0", "ws://127.0.0.1:0/", "tls://127.0.0.1:0", "wss://127.0.0.1:0/"]
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def cert_files(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    directory = tmp_path_factory.mktemp("tls")
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    pem = directory / "server.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(pem))
+    ca_pem = directory / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    return {"certfile": str(pem), "cafile": str(ca_pem)}
+
+
+@pytest.fixture(scope="session")
+def client_tls(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+def service(cert_files: dict[str, str], **overrides: Any) -> dict[str, Any]:
+    """A service on all four transports with quick test timeouts; pings off by default."""
+    return {
+        "listen": ALL_URLS,
+        "tls": {"certfile": cert_files["certfile"]},
+        "admin": {"user": "demo-admin", "password": "pw"},
+        "users": {"alice": "pw1", "bob": "pw2", "carol": "pw3"},
+        "ping_interval": 0,
+        "request_timeout": 1.0,
+        "login_failure_delay": 0.01,
+        **overrides,
+    }
+
+
+NodeFactory = Callable[..., Awaitable[Node]]
+
+
+@pytest.fixture
+async def make_node(cert_files: dict[str, str], tmp_path: Path) -> AsyncIterator[NodeFactory]:
+    """Start a node whose services are given as {name: overrides of `service()`}."""
+    nodes: list[Node] = []
+
+    async def start(**services: dict[str, Any]) -> Node:
+        config = parse_node_config({
+            "node": {"data_dir": str(tmp_path / "data")},
+            "admin": {"user": "admin", "password": "secret"},
+            "core": {"listen": ALL_URLS, "tls": {"certfile": cert_files["certfile"]},
+                     "ping_interval": 0},
+            "services": {name: service(cert_files, **over) for name, over in services.items()},
+        }, tmp_path)
+        node = Node(config)
+        await node.start()
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        await node.stop()
+
+
+def url_of(node: Node, service_name: str, transport: str) -> str:
+    return next(u for u in node.urls(service_name) if u.startswith(f"{transport}://"))
+
+
+PeerFactory = Callable[..., Awaitable[Peer]]
+
+
+@pytest.fixture
+async def connect(client_tls: ssl.SSLContext) -> AsyncIterator[PeerFactory]:
+    """Open raw peers; all are closed at the end of the test."""
+    peers: list[Peer] = []
+
+    async def open_peer(node: Node, service_name: str, transport: str) -> Peer:
+        peer = await Peer(url_of(node, service_name, transport)).connect(client_tls)
+        peers.append(peer)
+        return peer
+
+    yield open_peer
+    for peer in peers:
+        await peer.close()
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    value: str = request.param
+    return value
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item
+                                  ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The server runs on uvloop in production; run the tests on it too."""
+    return {"uvloop": uvloop.new_event_loop}
