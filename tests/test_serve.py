@@ -1,0 +1,147 @@
+"""The real `nkservice serve` process, driven with raw JSON over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import ssl
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.wire import Peer
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class Server:
+    def __init__(self, process: asyncio.subprocess.Process, plain: int, secure: int) -> None:
+        self.process = process
+        self.plain = plain
+        self.secure = secure
+        self.log: list[str] = []
+
+    async def wait_for_log(self, text: str) -> None:
+        assert self.process.stderr is not None
+        async with asyncio.timeout(20):
+            while not any(text in line for line in self.log):
+                line = await self.process.stderr.readline()
+                if not line:
+                    raise AssertionError("server exited:\n" + "".join(self.log))
+                self.log.append(line.decode())
+
+    async def stop(self, signum: int) -> int:
+        self.process.send_signal(signum)
+        async with asyncio.timeout(10):
+            assert self.process.stderr is not None
+            self.log.extend((await self.process.stderr.read()).decode().splitlines())
+            return await self.process.wait()
+
+
+@pytest.fixture
+async def server(tmp_path: Path, cert_files: dict[str, str]) -> AsyncIterator[Server]:
+    plain, secure = free_port(), free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(f"""
+[admin]
+user = "root"
+password = "toor"
+
+[core]
+listen = ["tcp://127.0.0.1:{free_port()}"]
+
+[services.demo]
+listen = ["ws://127.0.0.1:{plain}/api", "tcp://127.0.0.1:{plain}",
+          "wss://127.0.0.1:{secure}/api", "tls://127.0.0.1:{secure}"]
+users = {{ alice = "pw1" }}
+admin = {{ user = "demo-admin", password = "pw" }}
+tls = {{ certfile = "{cert_files['certfile']}" }}
+ping_interval = 0
+""")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nkservice", "serve", "--config", str(config),
+        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL)
+    running = Server(process, plain, secure)
+    await running.wait_for_log("node started")
+    yield running
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
+async def test_raw_lines_over_tcp(server: Server) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.plain)
+    lines = [
+        b'{"class":"core","cmd":"login","tid":1,"data":{"user":"alice","pass":"pw1"}}',
+        b'{"class":"core","cmd":"ping","tid":"two"}',
+        b"this is not json",
+        b'{"class":"core","subclass":"user","cmd":"list","tid":3}',
+    ]
+    writer.write(b"\r\n".join(lines) + b"\n")
+    answers = [json.loads(await reader.readline()) for _ in lines]
+    # The login is decided asynchronously; the bad line is answered as soon as it is read.
+    assert answers[0] == {"result": "error", "tid": None,
+                          "data": {"code": 100072, "error": "Invalid JSON"}}
+    login, ping, listing = answers[1:]
+    assert login["result"] == "ok" and login["tid"] == 1 and login["data"]["user"] == "alice"
+    assert ping == {"result": "ok", "tid": "two"}
+    assert listing == {"result": "error", "tid": 3,
+                       "data": {"code": 100030, "error": "Unauthorized"}}
+    writer.close()
+
+
+async def test_websocket_on_the_same_port_and_http_404(server: Server) -> None:
+    peer = await Peer(f"ws://127.0.0.1:{server.plain}/api").connect(None)
+    await peer.send_raw(b'{\n  "class": "core",\n  "cmd": "login",\n  "tid": 1,\n'
+                        b'  "data": {"user": "demo-admin", "password": "pw"}\n}')
+    assert (await peer.recv())["result"] == "ok"
+    users = await peer.request("core", "list_users")
+    assert list(users["data"]) == ["demo-admin"]
+    await peer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.plain)
+    writer.write(b"GET /elsewhere HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await reader.readline()).startswith(b"HTTP/1.1 404")
+    writer.close()
+
+
+async def test_tls_and_wss_on_one_port(server: Server, client_tls: ssl.SSLContext) -> None:
+    for url in (f"tls://127.0.0.1:{server.secure}", f"wss://127.0.0.1:{server.secure}/api"):
+        peer = await Peer(url).connect(client_tls)
+        await peer.send_raw(b'{"class":"core","cmd":"login","tid":1,'
+                            b'"data":{"user":"alice","password":"pw1"}}')
+        login = await peer.recv()
+        assert login["result"] == "ok", url
+        assert login["data"]["user"] == "alice"
+        await peer.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_clean_shutdown_closes_sessions_and_exits_0(server: Server, signum: int) -> None:
+    peer = await Peer(f"ws://127.0.0.1:{server.plain}/api").connect(None)
+    await peer.login("alice", "pw1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.plain)
+    assert await server.stop(signum) == 0
+    assert await peer.wait_closed() == 1000
+    assert await reader.read() == b""
+    writer.close()
+    assert any("stopped" in line for line in server.log)
+
+
+async def test_bad_config_is_refused_with_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[services.demo]\nlisten = ["tcp://127.0.0.1:0"]\npinginterval = 5\n')
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nkservice", "serve", "--config", str(config),
+        stderr=asyncio.subprocess.PIPE)
+    _, stderr = await process.communicate()
+    assert process.returncode == 2
+    assert b"services.demo.pinginterval" in stderr
