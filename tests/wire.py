@@ -8,6 +8,7 @@ the bytes the server really sends and accepts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import ssl
@@ -115,7 +116,5 @@ class Peer:
             await self._ws.close()
         elif self._writer is not None:
             self._writer.close()
-            try:
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
                 await self._writer.wait_closed()
-            except (ConnectionError, ssl.SSLError):
-                pass

@@ -9,9 +9,10 @@ are mapped to these keys by `protocol.names`.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from nkservice.errors import ApiError, ErrorCode
@@ -133,6 +134,10 @@ def log_message(caller: Session, request: Request) -> Any:
 class Command:
     handler: Callable[[Session, Request], Any]
     least_role: Role
+    is_async: bool = field(init=False)  # answered from a task when the handler finishes
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_async", inspect.iscoroutinefunction(self.handler))
 
 
 TABLE: dict[tuple[str, str], Command] = {

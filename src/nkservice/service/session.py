@@ -108,21 +108,19 @@ class Session:
             self.service.client_event(self, request)
             return
         if not is_core:
-            self._answer(request, self.service.handle_class(self, request))
+            self.conn.reply(request.tid, self.service.handle_class(self, request))
             return
         if name == ("user", "login"):
             raise ApiError(ErrorCode.already_authenticated)
         command = commands.TABLE.get(name) if name is not None else None
         if name is None or command is None:
             raise ApiError(ErrorCode.unknown_command, request.cmd)
-        if not allowed(self.role, command.least_role, permissions=self.service.config.permissions,
-                       user=self.user, action=f"core.{name[0]}.{name[1]}"):
+        if self.role < command.least_role and not allowed(
+                self.role, command.least_role, permissions=self.service.config.permissions,
+                user=self.user, action=f"core.{name[0]}.{name[1]}"):
             raise ApiError(ErrorCode.unauthorized)
-        self._answer(request, command.handler(self, request))
-
-    def _answer(self, request: Request, result: Any) -> None:
-        """Reply now, or when the handler's coroutine finishes."""
-        if isinstance(result, Awaitable):
+        result = command.handler(self, request)
+        if command.is_async:
             self.service.spawn(self._answer_later(request, result))
         else:
             self.conn.reply(request.tid, result)

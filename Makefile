@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make run` (a node on the embedded default) and
+# `make test` (lint, types, the whole default test suite). Both create the virtual
+# environment and install what they need.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: run test test-slow bench clean
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(INSTALLED)
+
+run: $(INSTALLED)
+	$(BIN)/nkservice serve $(if $(CONFIG),--config $(CONFIG))
+
+test: $(INSTALLED)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy --strict src
+	$(BIN)/pytest -q
+
+test-slow: $(INSTALLED)
+	$(BIN)/pytest -q -m slow
+
+bench: $(INSTALLED)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,112 @@
+"""Reading the node configuration (PROTOCOL.md §11) and password hashes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nkservice.node import Node
+from nkservice.service.config import ConfigError, load_config, parse_node_config
+from nkservice.service.passwords import check_password, hash_password
+from nkservice.service.permissions import Role, allowed, pattern_matches
+
+
+def test_embedded_default() -> None:
+    config = load_config(None)
+    assert config.is_embedded_default and config.uses_default_password
+    assert [str(url) for url in config.core.listen] == ["ws://127.0.0.1:9010/",
+                                                         "tcp://127.0.0.1:9010"]
+    assert config.core.limits.request_timeout == 5.0
+    assert config.core.limits.ping_interval == 60.0
+    assert config.services == {}
+
+
+def test_a_full_file(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text("""
+[node]
+data_dir = "state"
+[admin]
+user = "root"
+password = "x"
+[services.demo]
+listen = ["wss://0.0.0.0/", "tls://example.org"]
+admin = { user = "demo-admin", password = "pw" }
+users = { alice = "pw1" }
+ping_interval = 0.5
+max_message_size = 2048
+tls = { certfile = "cert.pem" }
+permissions = { user = ["core.user.list"] }
+""")
+    config = load_config(path)
+    assert config.data_dir == tmp_path / "state"
+    demo = config.services["demo"]
+    assert [(u.scheme, u.host, u.port, u.path) for u in demo.listen] == [
+        ("wss", "0.0.0.0", 9011, "/"), ("tls", "example.org", 9011, "")]
+    assert demo.limits.ping_interval == 0.5 and demo.limits.max_message_size == 2048
+    assert demo.tls.certfile == str(tmp_path / "cert.pem")
+    assert demo.permissions == {"user": ("core.user.list",)}
+    assert not config.uses_default_password
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"nodes": {}}, "unknown key nodes"),
+    ({"services": {"demo": {"listen": ["http://x:1"]}}}, "scheme"),
+    ({"services": {"demo": {"ping_interval": "5"}}}, "services.demo.ping_interval"),
+    ({"services": {"demo": {"ping_interval": -1}}}, "services.demo.ping_interval"),
+    ({"services": {"demo": {"max_queue": 1.5}}}, "services.demo.max_queue"),
+    ({"services": {"demo": {"users": {"a": 1}}}}, "services.demo.users.a"),
+    ({"services": {"demo": {"tls": {"cert": "x"}}}}, "services.demo.tls.cert"),
+    ({"services": {"core": {}}}, "services.core"),
+    ({"admin": {"password": True}}, "admin.password"),
+])
+def test_bad_config_names_the_key(table: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        parse_node_config(table, Path("."))
+
+
+async def test_two_services_on_one_port_are_refused() -> None:
+    config = parse_node_config({"services": {
+        "a": {"listen": ["tcp://127.0.0.1:9555"]},
+        "b": {"listen": ["ws://127.0.0.1:9555/"]}}}, Path("."))
+    with pytest.raises(ConfigError, match="both listen"):
+        await Node(config).start()
+
+
+async def test_secure_and_plain_may_not_share_a_port() -> None:
+    config = parse_node_config({"core": {"listen": ["tcp://127.0.0.1:9556",
+                                                     "wss://127.0.0.1:9556/"]}}, Path("."))
+    with pytest.raises(ConfigError, match="mixes"):
+        await Node(config).start()
+
+
+async def test_tls_urls_need_a_certificate() -> None:
+    config = parse_node_config({"core": {"listen": ["tls://127.0.0.1:0"]}}, Path("."))
+    with pytest.raises(ConfigError, match="certfile"):
+        await Node(config).start()
+
+
+def test_hashed_passwords() -> None:
+    stored = hash_password("s3cret")
+    assert stored.startswith("scrypt$")
+    assert check_password("s3cret", stored)
+    assert not check_password("s3cre", stored)
+    assert not check_password(None, stored)
+    assert not check_password("x", "scrypt$broken")
+    assert check_password("plain", "plain") and not check_password("plain", "Plain")
+
+
+def test_permission_patterns() -> None:
+    assert pattern_matches("core.user.*", "core.user.list")
+    assert pattern_matches("*.*.*", "chat.room.join")
+    assert not pattern_matches("core.user", "core.user.list")
+    grants = {"user": ["core.user.list"], "bob": ["core.session.*"]}
+    assert allowed(Role.user, Role.service_admin, permissions=grants, user="alice",
+                   action="core.user.list")
+    assert not allowed(Role.user, Role.service_admin, permissions=grants, user="alice",
+                       action="core.session.stop")
+    assert allowed(Role.user, Role.service_admin, permissions=grants, user="bob",
+                   action="core.session.stop")
+    assert not allowed(Role.service_admin, Role.admin, permissions={"user": ["*.*.*"]},
+                       user="x", action="core.service.create")
