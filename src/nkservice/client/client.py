@@ -2,15 +2,23 @@
 transports.
 
 One `Client` holds at most one connection at a time. Each connection is a `_Link`: the
-transport, the requests the server sent us that are still being handled, and a future that
-resolves when the connection is gone. What outlives a connection lives on the `Client`:
-the requests we wait answers for (they fail with `ConnectionError` when their connection
-drops), the handlers, the event consumers, and the credentials used to log in again after
-a reconnect.
+transport, our requests waiting for an answer on it (they fail with `ConnectionError` when
+it drops: the server forgets them), the server's requests our handlers are still working
+on (cancelled then, for the same reason), and a future that resolves when it is gone. What
+outlives a connection lives on the `Client`: handlers, event consumers, and the
+credentials and session id used to log in again after a reconnect.
 
 Deadlines of our own requests: `request_timeout` (or the request's `timeout`), restarted by
 every ack from the server with the larger of that timeout and the server's ack window
 (`ACK_WINDOW`, 180 s), so a server that keeps acking keeps the request alive.
+
+Reconnecting (`reconnect=True`): after a drop, wait a random delay between `backoff_min`
+and `backoff_min * 2**attempt` (capped at `backoff_max`: "full jitter", so the clients of a
+restarted server do not all come back at once), connect, log in again with the same user,
+password, meta and session id (the server lets a user take over its own session id), then
+call `on_reconnect`. Every failure, a refused login included (the server may refuse for a
+while, e.g. `service_unavailable`), is retried until `close()`. Requests made while
+disconnected fail at once with `ConnectionError`.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ ReconnectHook = Callable[[], Awaitable[None] | None]
 
 
 class Client:
-    """A connection to one service's External API.
+    """A connection to one service's External API (see the module text for the rules).
 
     ```python
     async with Client("wss://host:9011/", ssl=context) as client:
@@ -170,7 +178,7 @@ class Client:
             attempt += 1
             try:
                 link = await self._open()
-            except (OSError, TimeoutError) as exc:
+            except Exception as exc:  # refused, TLS, handshake (an HTTP answer), timeout
                 log.info("reconnect to %s failed: %s", self.url, exc)
                 continue
             if self._credentials is None:
@@ -208,7 +216,7 @@ class Client:
 
     async def request(self, class_: str, cmd: str, data: Any = None,
                       subclass: str | None = None, *,
-                      timeout: float | None = None) -> Any:  # noqa: ASYNC109 (acks restart it)
+                      timeout: float | None = None) -> Any:
         """Send a request; return the ok answer's `data` (None when absent).
 
         Raises `ApiError` for an error answer, `TimeoutError` when no answer (or ack) came
@@ -254,6 +262,8 @@ class Client:
         The handler returns the reply data, or an awaitable of it; raising `ApiError` sends
         that error, any other exception `internal_error`. A handler still running after
         `ack_after` seconds gets the request acked, again every `ack_every` seconds.
+        `core`/`ping` is answered ok without a handler; one may be set to watch the pings.
+        `core`/`event` always goes to the event consumers (`on_event`, `events`).
         """
         self._handlers[(class_, cmd)] = handler
 
@@ -270,30 +280,28 @@ class Client:
 
     def _served(self, link: _Link, request: Request) -> None:
         data = request.data if request.data is not None else {}
-        if request.class_ == "core" and request.cmd == "ping":
-            link.send(encode_ok(request.tid))
-            return
-        if request.class_ == "core" and request.cmd == "event":
+        is_core = request.class_ == "core"
+        if is_core and request.cmd == "event":
             link.send(encode_ok(request.tid))
             self._deliver(data)
             return
         handler = self._handlers.get((request.class_, request.cmd))
         if handler is None:
-            if request.cmd == "event":  # every class must take events (seed rule)
-                link.send(encode_ok(request.tid))
+            if request.cmd == "event" or (is_core and request.cmd == "ping"):
+                link.send(encode_ok(request.tid))  # every class must take events (seed rule)
             else:
                 link.send(encode_error(request.tid,
                                        ApiError(ErrorCode.unknown_command, request.cmd)))
             return
         try:
             result = handler(data)
+            if inspect.isawaitable(result):
+                link.spawn(self._answer_later(link, request, result))
+                return
+            reply = encode_ok(request.tid, result)  # raises on data JSON cannot carry
         except Exception as exc:
-            link.send(encode_error(request.tid, _as_api_error(exc, request)))
-            return
-        if inspect.isawaitable(result):
-            link.spawn(self._answer_later(link, request, result))
-        else:
-            link.send(encode_ok(request.tid, result))
+            reply = encode_error(request.tid, _as_api_error(exc, request))
+        link.send(reply)
 
     async def _answer_later(self, link: _Link, request: Request, work: Awaitable[Any]) -> None:
         loop = asyncio.get_running_loop()
@@ -306,13 +314,12 @@ class Client:
 
         timer = loop.call_later(self.ack_after, ack)
         try:
-            result = await work
+            reply = encode_ok(request.tid, await work)
         except Exception as exc:
-            link.send(encode_error(request.tid, _as_api_error(exc, request)))
-        else:
-            link.send(encode_ok(request.tid, result))
+            reply = encode_error(request.tid, _as_api_error(exc, request))
         finally:
             timer.cancel()
+        link.send(reply)
 
     def _deliver(self, event: Any) -> None:
         for callback in self._event_callbacks:
@@ -386,7 +393,8 @@ class _Link:
             self._transport.close()
 
     async def wait_lost(self) -> None:
-        await self.lost
+        # Shielded: a waiter that is cancelled must not mark the connection as lost.
+        await asyncio.shield(self.lost)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl as ssl_module
-from typing import Protocol
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from picows import WSCloseCode, WSError, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from nkservice.protocol.framing import FragmentAssembler, LineFramer, MessageTooLarge
 
@@ -50,7 +50,9 @@ async def open_transport(url: str, peer: Peer, *,
                          ssl: ssl_module.SSLContext | None = None) -> Transport:
     """Connect to `url`; `peer.connection_made` has been called when this returns.
 
-    `ssl` is used for tls and wss (the system's default trust store when None).
+    `ssl` is used for tls and wss (the system's default trust store when None). Failures
+    raise `OSError` (`ConnectionError` for a refused WebSocket handshake, `ssl.SSLError`
+    for TLS), or `ValueError` for a URL of another scheme.
     """
     parts = urlsplit(url)
     scheme = parts.scheme
@@ -60,8 +62,11 @@ async def open_transport(url: str, peer: Peer, *,
     secure = scheme in ("tls", "wss")
     context = (ssl or ssl_module.create_default_context()) if secure else None
     if scheme in ("ws", "wss"):
-        _, listener = await ws_connect(lambda: _WebSocketListener(peer), url,
-                                       ssl_context=context, max_frame_size=MAX_MESSAGE_SIZE)
+        try:
+            _, listener = await ws_connect(lambda: _WebSocketListener(peer), url,
+                                           ssl_context=context, max_frame_size=MAX_MESSAGE_SIZE)
+        except WSError as exc:  # e.g. a 404: callers handle one kind of connect failure
+            raise ConnectionError(f"WebSocket handshake with {url} failed: {exc}") from exc
         assert isinstance(listener, _WebSocketListener)
         return listener
     loop = asyncio.get_running_loop()
@@ -80,8 +85,8 @@ class _LineProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self._transport = cast(asyncio.Transport, transport)
         self._peer.connection_made(self)
 
     def data_received(self, data: bytes) -> None:

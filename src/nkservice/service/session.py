@@ -86,6 +86,9 @@ class Session:
             self._route(request)
         except ApiError as error:
             self.conn.reply_error(request.tid, error)
+        except Exception:  # a bug must cost one request, not the connection
+            log.exception("request %s/%s failed", request.class_, request.cmd)
+            self.conn.reply_error(request.tid, ApiError(ErrorCode.internal_error))
 
     def on_closed(self) -> None:
         self.service.closed(self)
@@ -173,6 +176,8 @@ class Session:
 
     def _become_session(self, request: Request, attempt: LoginAttempt,
                         decision: LoginDecision) -> None:
+        if self.conn.closed:  # gone while the login logic was deciding
+            return
         user = decision.user or attempt.user
         session_id = decision.session_id or attempt.session_id or str(uuid.uuid4())
         self.service.claim_session_id(session_id, user)
