@@ -145,3 +145,26 @@ async def test_bad_config_is_refused_with_the_key(tmp_path: Path) -> None:
     _, stderr = await process.communicate()
     assert process.returncode == 2
     assert b"services.demo.pinginterval" in stderr
+
+
+async def nkservice_call(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nkservice", "call", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_nkservice_call(server: Server) -> None:
+    ws, tcp = f"ws://127.0.0.1:{server.plain}/api", f"tcp://127.0.0.1:{server.plain}"
+    assert await nkservice_call(ws, "core", "ping") == (0, "{}\n", "")
+    status, out, _ = await nkservice_call(tcp, "core", "user", "list", "--user", "demo-admin",
+                                          "--password", "pw")
+    assert status == 0 and list(json.loads(out)) == ["demo-admin"]
+    status, _, err = await nkservice_call(ws, "core", "get_user", "--data", '{"user":"zed"}',
+                                          "--user", "demo-admin", "--password", "pw")
+    assert status == 1 and json.loads(err) == {"code": 100033, "error": "User not found"}
+    status, _, err = await nkservice_call(tcp, "core", "list_users", "--user", "alice",
+                                          "--password", "wrong")
+    assert status == 1 and json.loads(err)["code"] == 100038

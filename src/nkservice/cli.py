@@ -20,6 +20,7 @@ from nkservice.errors import ApiError
 from nkservice.node import Node
 from nkservice.service.config import ConfigError, NodeConfig, load_config
 from nkservice.service.passwords import hash_password
+from nkservice.transport.websocket import PICOWS_LOGGER
 
 log = logging.getLogger("nkservice")
 
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(config_path: Path | None, level: str) -> int:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: "
                                                     "%(message)s")
+    if level != "debug":  # picows says INFO at every connect and disconnect: noise at scale
+        logging.getLogger(PICOWS_LOGGER).setLevel(logging.WARNING)
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -142,5 +145,5 @@ def _call(args: argparse.Namespace) -> int:
     except (OSError, TimeoutError) as exc:
         print(f"nkservice call: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
-    print(json.dumps(answer, indent=2))
+    print(json.dumps({} if answer is None else answer, indent=2))  # no data means {} (§1.2)
     return 0

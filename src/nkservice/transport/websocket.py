@@ -20,6 +20,7 @@ from nkservice.transport.base import Accept, WakeUps, peer_address
 
 log = logging.getLogger(__name__)
 
+PICOWS_LOGGER = "nkservice.transport.picows"
 HANDSHAKE_TIMEOUT = 5.0
 # The read buffer grows on demand; a small start keeps idle connections cheap.
 READ_BUFFER_INIT_SIZE = 1024
@@ -134,7 +135,7 @@ def websocket_protocol_factory(accept: Accept, scheme: str, paths: Collection[st
         path = request.path.split(b"?", 1)[0]
         return MessageListener(accept, scheme) if path in wanted else None  # None → 404
 
-    server_log = logging.getLogger("nkservice.transport.picows")
+    server_log = logging.getLogger(PICOWS_LOGGER)
 
     def make() -> asyncio.BufferedProtocol:
         # picows.ws_create_server builds the same object; building it here lets a listener
