@@ -8,6 +8,7 @@ import ssl
 from collections import defaultdict
 from dataclasses import dataclass
 
+from nkservice.events.bus import EventBus
 from nkservice.service.config import (
     ConfigError,
     Credentials,
@@ -41,6 +42,7 @@ class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.services: dict[str, Service] = {}
+        self.events = EventBus()
         self._servers: dict[str, list[tuple[_Port, asyncio.Server]]] = {}
 
     # -- Directory -------------------------------------------------------------------------

@@ -27,6 +27,11 @@ class FakeWire:
     def wake_at(self, when: float) -> None:
         self.wake = when
 
+    def backlog(self) -> int:
+        return self.unsent
+
+    unsent = 0
+
     def take(self) -> list[dict[str, Any]]:
         sent, self.sent = self.sent, []
         return sent

@@ -53,6 +53,8 @@ class Limits:
     max_message_size: int = 1 << 20
     max_pending_requests: int = 1000
     max_bad_messages: int = 20
+    max_queue: int = 1000  # server requests (events) the client has not answered yet…
+    max_queue_bytes: int = 16 * 1024 * 1024  # …or bytes not yet written: a slow consumer
 
 
 class Wire(Protocol):
@@ -66,6 +68,9 @@ class Wire(Protocol):
 
     def wake_at(self, when: float) -> None:
         """Call `Connection.on_timer` at `when`, instead of any earlier-requested time."""
+
+    def backlog(self) -> int:
+        """Bytes sent but not yet handed to the network (the peer reads too slowly)."""
 
 
 class Waiter(Protocol):
@@ -154,6 +159,8 @@ class Connection:
                 log.debug("ignoring a response to unknown tid %r", message.tid)
             elif sent.waiter is not None:
                 sent.waiter.answered(message)
+            elif not message.ok:  # some clients answer events they do not handle so
+                log.debug("error answer to server request %d: %r", message.tid, message.data)
         else:
             assert type(message) is Ack
             sent = self._sent.get(message.tid) if type(message.tid) is int else None
@@ -212,6 +219,24 @@ class Connection:
         self._wire.send(encode_request(tid, class_, cmd, data, subclass))
         self._want_wake(deadline)
         return tid
+
+    def send_event(self, data: bytes) -> None:
+        """Deliver an event (§5.2): a `core`/`event` request whose `data` is encoded already,
+        once for all its receivers. A client over `max_queue` is a slow consumer: closed."""
+        if self.closed:
+            return
+        limits = self.limits
+        if len(self._sent) >= limits.max_queue or self._wire.backlog() > limits.max_queue_bytes:
+            log.info("closing a slow consumer: %d events unanswered, %d bytes unsent",
+                     len(self._sent), self._wire.backlog())
+            self.close("slow consumer")
+            return
+        tid = self._next_tid
+        self._next_tid += 1
+        deadline = self._clock() + limits.request_timeout
+        self._sent[tid] = _Sent(deadline, None)
+        self._wire.send(b'{"class":"core","cmd":"event","tid":%d,"data":%b}' % (tid, data))
+        self._want_wake(deadline)
 
     @property
     def awaiting_answers(self) -> int:

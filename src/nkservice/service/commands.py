@@ -1,71 +1,29 @@
 """The core commands of PROTOCOL.md §6 that act on users and sessions, and `ping`.
 
-Each command is a function of the calling session and its request that returns the reply's
-`data` (or a coroutine that will), or raises `ApiError`. `TABLE` maps the subclass form
-(`user`/`list`, …) to the command and the least role that may run it; the seed's flat names
-are mapped to these keys by `protocol.names`.
+`TABLE` maps the subclass form (`user`/`list`, …) to each command; the seed's flat names are
+mapped to these keys by `protocol.names`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from nkservice.errors import ApiError, ErrorCode
 from nkservice.protocol.messages import Request
 from nkservice.service.permissions import Role
+from nkservice.service.requests import Command, optional, required, target_service
 from nkservice.service.waiters import FutureWaiter
 
 if TYPE_CHECKING:
-    from nkservice.service.service import Service
     from nkservice.service.session import Session
 
-T = TypeVar("T")
 session_log = logging.getLogger("nkservice.session")
 
 # syslog severities (GELF levels) 1-7 → Python logging levels
 _LOG_LEVELS = {1: logging.CRITICAL, 2: logging.CRITICAL, 3: logging.ERROR, 4: logging.WARNING,
                5: logging.INFO, 6: logging.INFO, 7: logging.DEBUG}
-
-
-# -- fields of `data` ------------------------------------------------------------------------
-
-def _of_type(value: Any, name: str, kind: type[T]) -> T:
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)  # JSON does not tell 5 from 5.0
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise ApiError(ErrorCode.syntax_error, name)
-    if kind is float and value < 0:  # type: ignore[operator]
-        raise ApiError(ErrorCode.invalid_value, name)
-    return value
-
-
-def required(fields: dict[str, Any], name: str, kind: type[T]) -> T:
-    if name not in fields:
-        raise ApiError(ErrorCode.missing_field, name)
-    return _of_type(fields[name], name, kind)
-
-
-def optional(fields: dict[str, Any], name: str, kind: type[T], default: T) -> T:
-    value = fields.get(name)
-    return default if value is None else _of_type(value, name, kind)
-
-
-def target_service(caller: Session, fields: dict[str, Any]) -> Service:
-    """The service a command acts on: the caller's, or for the admin the one it names."""
-    name = optional(fields, "service", str, caller.service.name)
-    if name == caller.service.name:
-        return caller.service
-    if caller.role is not Role.admin:
-        raise ApiError(ErrorCode.unauthorized)
-    found = caller.service.directory.find_service(name)
-    if found is None:
-        raise ApiError(ErrorCode.service_not_found)
-    return found
 
 
 # -- the commands ------------------------------------------------------------------------------
@@ -128,16 +86,6 @@ def log_message(caller: Session, request: Request) -> Any:
                     extra={"nk_user": caller.user, "nk_session_id": caller.session_id,
                            "nk_service": caller.service.name, "nk_meta": meta})
     return None
-
-
-@dataclass(frozen=True, slots=True)
-class Command:
-    handler: Callable[[Session, Request], Any]
-    least_role: Role
-    is_async: bool = field(init=False)  # answered from a task when the handler finishes
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "is_async", inspect.iscoroutinefunction(self.handler))
 
 
 TABLE: dict[tuple[str, str], Command] = {

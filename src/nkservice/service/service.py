@@ -8,6 +8,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from nkservice.errors import ApiError, ErrorCode
+from nkservice.events.bus import EventBus
+from nkservice.events.index import Subscription, Topic
 from nkservice.protocol.connection import Connection, Wire
 from nkservice.protocol.messages import Request
 from nkservice.service.config import Credentials, ServiceConfig
@@ -23,6 +25,9 @@ class Directory(Protocol):
     @property
     def admin(self) -> Credentials: ...
 
+    @property
+    def events(self) -> EventBus: ...
+
     def find_service(self, name: str) -> Service | None: ...
 
 
@@ -32,6 +37,7 @@ class Service:
         self.config = config
         self.name = config.name
         self.directory = directory
+        self.events = directory.events
         self.login_chain = login_chain(directory.admin, config.admin, config.users,
                                        login_logic or [], is_core=config.name == "core")
         self.sessions: dict[str, Session] = {}
@@ -48,15 +54,17 @@ class Service:
 
     # -- the registry ----------------------------------------------------------------------
 
-    def claim_session_id(self, session_id: str, user: str) -> None:
-        """Make room for a session id chosen at login (§3.3), or refuse it."""
+    def claim_session_id(self, session_id: str, user: str) -> list[Subscription]:
+        """Make room for a session id chosen at login (§3.3), or refuse it. A live session
+        of the same user is replaced: its subscriptions are returned for the new one."""
         holder = self.sessions.get(session_id)
         if holder is None:
-            return
+            return []
         if holder.user != user:
             raise ApiError(ErrorCode.duplicated_session_id)
+        inherited = list(holder.subscriptions.values())
         holder.stop("replaced by a new login with the same session id")
-        self.remove(holder)
+        return inherited
 
     def add(self, session: Session) -> None:
         self.sessions[session.session_id] = session
@@ -86,6 +94,10 @@ class Service:
     def client_event(self, session: Session, request: Request) -> None:
         """A client event (§5.3): the service's event logic (plugins, callbacks) plugs in here."""
         log.debug("client event %s from %s", request.class_, session.session_id)
+
+    def authorize_subscription(self, session: Session, topic: Topic) -> None:
+        """The service's subscribe logic (plugins, Lua, the `subscribe` callback) plugs in
+        here; it raises `ApiError(unauthorized)` to refuse. Everything is allowed for now."""
 
     def handle_class(self, session: Session, request: Request) -> Any:
         """A request of a non-core class: plugins, scripts and `cmd` callbacks plug in here."""

@@ -17,12 +17,16 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from nkservice.errors import ApiError, ErrorCode
+from nkservice.events import commands as event_commands
+from nkservice.events.bus import automatic_topics
+from nkservice.events.index import Subscription, Topic
 from nkservice.protocol.connection import Connection, Wire
 from nkservice.protocol.messages import Request
 from nkservice.protocol.names import canonical
-from nkservice.service import commands
+from nkservice.service import commands as session_commands
 from nkservice.service.login import LoginAttempt, LoginDecision, decide
 from nkservice.service.permissions import Role, allowed
+from nkservice.service.requests import optional
 
 if TYPE_CHECKING:
     from nkservice.service.service import Service
@@ -32,6 +36,7 @@ log = logging.getLogger(__name__)
 MAX_LOGIN_FAILURES = 5
 MAX_LOGIN_DELAY = 5.0
 MAX_SESSION_ID_LENGTH = 128
+COMMANDS = {**session_commands.TABLE, **event_commands.TABLE}
 
 
 class Session:
@@ -46,6 +51,7 @@ class Session:
         "seed_form",
         "service",
         "session_id",
+        "subscriptions",
         "transport",
         "user",
     )
@@ -63,6 +69,7 @@ class Session:
         self.seed_form = False
         self._failures = 0
         self._backlog: deque[Request] | None = None  # not None while a login is decided
+        self.subscriptions: dict[Topic, Subscription] = {}
         self.conn = Connection(service.config.limits, wire, clock, self)
 
     @property
@@ -92,6 +99,15 @@ class Session:
 
     def on_closed(self) -> None:
         self.service.closed(self)
+        if self.logged_in:
+            self.service.events.drop(self)
+            self._publish_lifecycle("stop")
+
+    def _publish_lifecycle(self, what: str) -> None:
+        """`core/session/start|stop` in the session's service (§5.4)."""
+        self.service.events.publish(
+            Topic(self.service.name, "core", "session", what, self.session_id),
+            {"user": self.user, "remote": self.remote, "transport": self.transport})
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -115,7 +131,7 @@ class Session:
             return
         if name == ("user", "login"):
             raise ApiError(ErrorCode.already_authenticated)
-        command = commands.TABLE.get(name) if name is not None else None
+        command = COMMANDS.get(name) if name is not None else None
         if name is None or command is None:
             raise ApiError(ErrorCode.unknown_command, request.cmd)
         if self.role < command.least_role and not allowed(
@@ -146,7 +162,7 @@ class Session:
 
     def _start_login(self, request: Request) -> None:
         fields = request.fields
-        user = commands.optional(fields, "user", str, "")
+        user = optional(fields, "user", str, "")
         password = fields.get("password", fields.get("pass"))
         session_id = fields.get("session_id")
         if session_id is not None and not (
@@ -180,7 +196,7 @@ class Session:
             return
         user = decision.user or attempt.user
         session_id = decision.session_id or attempt.session_id or str(uuid.uuid4())
-        self.service.claim_session_id(session_id, user)
+        inherited = self.service.claim_session_id(session_id, user)
         self.user = user
         self.session_id = session_id
         self.role = decision.role
@@ -188,8 +204,14 @@ class Session:
         self.login_time = int(time.time() * 1000)
         self.seed_form = request.subclass is None
         self.service.add(self)
+        events = self.service.events
+        for topic in automatic_topics(self.service.name, user, session_id):
+            events.subscribe(self, topic)
+        for subscription in inherited:
+            events.subscribe(self, subscription.topic, subscription.body)
         self.conn.logged_in()
         self.conn.reply(request.tid, {**decision.data, "session_id": session_id, "user": user})
+        self._publish_lifecycle("start")
 
     async def _refuse(self, request: Request, attempt: LoginAttempt,
                       decision: LoginDecision) -> None:

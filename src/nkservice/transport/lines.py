@@ -61,6 +61,10 @@ class LineProtocol(asyncio.Protocol):
         assert self._transport is not None
         self._transport.close()
 
+    def backlog(self) -> int:
+        assert self._transport is not None
+        return self._transport.get_write_buffer_size()
+
     def wake_at(self, when: float) -> None:
         assert self._wakeups is not None
         self._wakeups.wake_at(when)

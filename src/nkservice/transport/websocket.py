@@ -113,6 +113,11 @@ class MessageListener(WSListener):
     def close(self, reason: str) -> None:
         self._close_transport(WSCloseCode.OK, reason)
 
+    def backlog(self) -> int:
+        assert self._ws is not None
+        size: int = self._ws.underlying_transport.get_write_buffer_size()
+        return size
+
     def wake_at(self, when: float) -> None:
         assert self._wakeups is not None
         self._wakeups.wake_at(when)

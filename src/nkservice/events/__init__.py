@@ -1,0 +1,1 @@
+"""Events: the subscription index and fan-out (PROTOCOL.md §5)."""

@@ -1,0 +1,92 @@
+"""The event commands of PROTOCOL.md §6: subscribe, unsubscribe, get_subscriptions, send,
+and the user and session events."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from nkservice.errors import ApiError, ErrorCode
+from nkservice.events.bus import automatic_topics
+from nkservice.events.index import WILDCARD, Topic
+from nkservice.protocol.messages import Request
+from nkservice.service.permissions import Role, granted
+from nkservice.service.requests import Command, optional, required, target_service
+
+if TYPE_CHECKING:
+    from nkservice.service.session import Session
+
+
+def _name(fields: dict[str, Any], name: str, *, default: str | None = WILDCARD) -> str:
+    value = required(fields, name, str) if default is None else optional(fields, name, str,
+                                                                          default)
+    if not value:
+        raise ApiError(ErrorCode.invalid_value, name)
+    return value
+
+
+def topic_of(caller: Session, fields: dict[str, Any]) -> Topic:
+    """The event keys of a request: `class`*, `subclass` (or the seed's `obj`), `type`,
+    `obj_id` (each `*` when left out), in the caller's service or, for the admin, `service`."""
+    subclass_field = "subclass" if fields.get("subclass") is not None else "obj"
+    return Topic(service=target_service(caller, fields).name,
+                 class_=_name(fields, "class", default=None),
+                 subclass=_name(fields, subclass_field),
+                 type=_name(fields, "type"),
+                 obj_id=_name(fields, "obj_id"))
+
+
+def subscribe(caller: Session, request: Request) -> Any:
+    topic = topic_of(caller, request.fields)
+    service = caller.service
+    if (topic.class_ == "core" and caller.role is Role.user
+            and topic not in automatic_topics(service.name, caller.user, caller.session_id)
+            and not granted(service.config.permissions, caller.user, "core.event.subscribe")):
+        raise ApiError(ErrorCode.unauthorized)  # core events are for admins (§4, §5.4)
+    service.authorize_subscription(caller, topic)
+    service.events.subscribe(caller, topic, request.fields.get("body"))
+    return None
+
+
+def unsubscribe(caller: Session, request: Request) -> Any:
+    caller.service.events.unsubscribe(caller, topic_of(caller, request.fields))
+    return None
+
+
+def get_subscriptions(caller: Session, request: Request) -> Any:
+    return [
+        {"class": topic.class_, "subclass": topic.subclass, "type": topic.type,
+         "obj_id": topic.obj_id, "service": topic.service,
+         "body": {} if subscription.body is None else subscription.body}
+        for topic, subscription in caller.subscriptions.items()
+    ]
+
+
+def send(caller: Session, request: Request) -> Any:
+    caller.service.events.publish(topic_of(caller, request.fields), request.fields.get("body"))
+    return None
+
+
+def send_user_event(caller: Session, request: Request) -> Any:
+    fields = request.fields
+    topic = Topic(target_service(caller, fields).name, "core", "user_event",
+                  _name(fields, "type"), _name(fields, "user", default=None))
+    caller.service.events.publish(topic, fields.get("body"))
+    return None
+
+
+def send_session_event(caller: Session, request: Request) -> Any:
+    fields = request.fields
+    topic = Topic(target_service(caller, fields).name, "core", "session_event",
+                  _name(fields, "type"), _name(fields, "session_id", default=None))
+    caller.service.events.publish(topic, fields.get("body"))
+    return None
+
+
+TABLE: dict[tuple[str, str], Command] = {
+    ("event", "subscribe"): Command(subscribe, Role.user),
+    ("event", "unsubscribe"): Command(unsubscribe, Role.user),
+    ("event", "get_subscriptions"): Command(get_subscriptions, Role.user),
+    ("event", "send"): Command(send, Role.service_admin),
+    ("user", "send_event"): Command(send_user_event, Role.service_admin),
+    ("session", "send_event"): Command(send_session_event, Role.service_admin),
+}
