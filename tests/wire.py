@@ -8,6 +8,7 @@ the bytes the server really sends and accepts.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -33,6 +34,9 @@ class Peer:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._tids = itertools.count(1000)
+        # Server requests (events, pings) that arrived while `request` waited for its
+        # answer: `recv` returns them first, in order.
+        self._inbox: collections.deque[dict[str, Any]] = collections.deque()
 
     @property
     def is_websocket(self) -> bool:
@@ -63,6 +67,11 @@ class Peer:
         await self.send_raw(json.dumps(message).encode())
 
     async def recv(self, timeout: float = RECV_TIMEOUT) -> dict[str, Any]:
+        if self._inbox:
+            return self._inbox.popleft()
+        return await self._read(timeout)
+
+    async def _read(self, timeout: float) -> dict[str, Any]:
         async with asyncio.timeout(timeout):
             if self._ws is not None:
                 try:
@@ -80,7 +89,8 @@ class Peer:
 
     async def request(self, class_: str, cmd: str, data: Any = None, *,
                       subclass: str | None = None) -> dict[str, Any]:
-        """Send a request and return the response to it (skipping nothing else)."""
+        """Send a request and return the response to it; server requests that come first
+        wait in the inbox for `recv`."""
         tid = next(self._tids)
         message: dict[str, Any] = {"class": class_, "cmd": cmd, "tid": tid}
         if subclass is not None:
@@ -88,7 +98,8 @@ class Peer:
         if data is not None:
             message["data"] = data
         await self.send(message)
-        response = await self.recv()
+        while "cmd" in (response := await self._read(RECV_TIMEOUT)):
+            self._inbox.append(response)
         assert response.get("tid") == tid, response
         return response
 
