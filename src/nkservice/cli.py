@@ -34,6 +34,8 @@ TCP, TLS, WebSocket and secure WebSocket.
   nkservice serve --config node.toml      run a node from a config file (see docs/config.md)
   nkservice call ws://127.0.0.1:9010/ core user list --user admin --password admin
                                           log in, send one request, print the answer as JSON
+  nkservice listen ws://127.0.0.1:9010/ --user admin --password admin \
+      --subscribe core/session            print events as JSON lines until Ctrl-C
   nkservice hash-password                 print a scrypt hash to put in a config file
 """
 
@@ -61,9 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     call.add_argument("--data", default="{}", help="the request's data, as JSON")
     call.add_argument("--user", help="log in as this user first")
     call.add_argument("--password", help="the user's password (asked for if --user is given)")
-    call.add_argument("--cafile", help="trust this CA (tls and wss)")
-    call.add_argument("--insecure", action="store_true",
-                      help="do not verify the server certificate (tls and wss)")
+    _add_tls_options(call)
+
+    listen = commands.add_parser(
+        "listen", help="subscribe and print events as JSON lines until interrupted",
+        description="Connect to URL, log in, subscribe, and print every event received as "
+                    "one JSON line, until Ctrl-C. Reconnects (and subscribes again) when the "
+                    "connection drops.")
+    listen.add_argument("url", help="tcp://HOST:PORT, tls://…, ws://HOST:PORT/PATH or wss://…")
+    listen.add_argument("--subscribe", action="append", default=[], required=True,
+                        metavar="CLASS[/SUBCLASS[/TYPE[/OBJ_ID]]]",
+                        help="what to receive; `*` or a left-out part matches anything; "
+                             "repeat for more")
+    listen.add_argument("--user", required=True)
+    listen.add_argument("--password", help="asked for when not given")
+    _add_tls_options(listen)
 
     hashing = commands.add_parser("hash-password", help="print a scrypt hash of a password")
     hashing.add_argument("password", nargs="?", help="asked for when not given")
@@ -73,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args.config, args.log_level)
     if args.command == "call":
         return _call(args)
+    if args.command == "listen":
+        return _listen(args)
     if args.command == "hash-password":
         print(hash_password(args.password or getpass.getpass("password: ")))
         return 0
@@ -115,6 +131,63 @@ async def _run_node(config: NodeConfig) -> None:
     log.info("stopped")
 
 
+def _add_tls_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cafile", help="trust this CA (tls and wss)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="do not verify the server certificate (tls and wss)")
+
+
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not args.url.startswith(("tls:", "wss:")):
+        return None
+    context = ssl.create_default_context(cafile=args.cafile)
+    if args.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _password(args: argparse.Namespace) -> str | None:
+    if args.user and args.password is None:
+        return getpass.getpass(f"password for {args.user}: ")
+    password: str | None = args.password
+    return password
+
+
+def _listen(args: argparse.Namespace) -> int:
+    from nkservice.client import Client
+
+    subscriptions = []
+    for spec in args.subscribe:
+        parts = spec.split("/")
+        if not parts[0] or len(parts) > 4:
+            print(f"nkservice listen: bad --subscribe {spec!r}", file=sys.stderr)
+            return 2
+        subscriptions.append([*parts, *["*"] * (4 - len(parts))])
+    password = _password(args)
+
+    async def listen() -> None:
+        async with Client(args.url, ssl=_tls_context(args), reconnect=True) as client:
+            events = client.events()
+            await client.login(args.user, password or "")
+            for class_, subclass, type_, obj_id in subscriptions:
+                await client.subscribe(class_, subclass or "*", type_ or "*", obj_id or "*")
+            async for event in events:
+                print(json.dumps(event), flush=True)
+
+    try:
+        asyncio.run(listen())
+    except KeyboardInterrupt:
+        return 0
+    except ApiError as error:
+        print(json.dumps({"code": error.code, "error": error.text}), file=sys.stderr)
+        return 1
+    except (OSError, TimeoutError) as exc:
+        print(f"nkservice listen: {exc or type(exc).__name__}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _call(args: argparse.Namespace) -> int:
     from nkservice.client import call
 
@@ -127,18 +200,9 @@ def _call(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"nkservice call: --data is not JSON: {exc}", file=sys.stderr)
         return 2
-    password = args.password
-    if args.user and password is None:
-        password = getpass.getpass(f"password for {args.user}: ")
-    context = None
-    if args.url.startswith(("tls:", "wss:")):
-        context = ssl.create_default_context(cafile=args.cafile)
-        if args.insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
     try:
         answer = call(args.url, class_, cmd, data, subclass=subclass[0] if subclass else None,
-                      user=args.user, password=password, ssl=context)
+                      user=args.user, password=_password(args), ssl=_tls_context(args))
     except ApiError as error:
         print(json.dumps({"code": error.code, "error": error.text}), file=sys.stderr)
         return 1

@@ -24,15 +24,6 @@ def url_of(node: Node, transport: str) -> str:
 
 
 @pytest.fixture
-def make_client(client_tls: ssl.SSLContext) -> Callable[..., Client]:
-    def make(url: str, **options: Any) -> Client:
-        secure = url.startswith(("tls://", "wss://"))
-        return Client(url, ssl=client_tls if secure else None, **options)
-
-    return make
-
-
-@pytest.fixture
 async def node(make_node: NodeFactory) -> Node:
     return await make_node(demo={})
 

@@ -88,6 +88,7 @@ class Client:
         self._link: _Link | None = None
         self._closing = False
         self._credentials: dict[str, Any] | None = None
+        self._subscriptions: dict[tuple[str, ...], dict[str, Any]] = {}
         self._next_tid = 1
         self._handlers: dict[tuple[str, str], RequestHandler] = {}
         self._event_callbacks: list[EventCallback] = []
@@ -185,6 +186,7 @@ class Client:
                 return
             try:
                 await self._login(self._credentials)
+                await self._resubscribe()
                 return
             except (ApiError, ConnectionError, TimeoutError) as exc:
                 log.warning("login again on %s failed: %s", self.url, exc)
@@ -213,6 +215,40 @@ class Client:
         # when the service resumes sessions.
         self._credentials = {**fields, "session_id": self.session_id}
         return reply
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def subscribe(self, class_: str, subclass: str = "*", type: str = "*",
+                        obj_id: str = "*", *, body: Any = None,
+                        service: str | None = None) -> None:
+        """Subscribe to events (§5); `*` matches any value. Replayed after a reconnect."""
+        keys = _event_keys(class_, subclass, type, obj_id, service)
+        data = keys if body is None else {**keys, "body": body}
+        await self.request("core", "subscribe", data, "event")
+        self._subscriptions[_key_of(keys)] = data
+
+    async def unsubscribe(self, class_: str, subclass: str = "*", type: str = "*",
+                          obj_id: str = "*", *, service: str | None = None) -> None:
+        """Remove the subscription with exactly these keys."""
+        keys = _event_keys(class_, subclass, type, obj_id, service)
+        self._subscriptions.pop(_key_of(keys), None)
+        await self.request("core", "unsubscribe", keys, "event")
+
+    async def send_event(self, class_: str, subclass: str = "*", type: str = "*",
+                         obj_id: str = "*", *, body: Any = None,
+                         service: str | None = None) -> None:
+        """Publish an event (needs a service admin or a permission)."""
+        keys = _event_keys(class_, subclass, type, obj_id, service)
+        await self.request("core", "send", keys if body is None else {**keys, "body": body},
+                           "event")
+
+    async def _resubscribe(self) -> None:
+        # A new connection is a new session unless the old one was still alive: subscribe
+        # again (the same keys again only replace the body, so this is safe either way).
+        for data in list(self._subscriptions.values()):
+            await self.request("core", "subscribe", data, "event")
+
+    # -- requests ------------------------------------------------------------------------------
 
     async def request(self, class_: str, cmd: str, data: Any = None,
                       subclass: str | None = None, *,
@@ -346,6 +382,17 @@ class Client:
         else:
             assert type(message) is Ack
             self._acked(link, message)
+
+
+def _event_keys(class_: str, subclass: str, type_: str, obj_id: str, service: str | None
+                ) -> dict[str, Any]:
+    keys = {"class": class_, "subclass": subclass, "type": type_, "obj_id": obj_id}
+    return keys if service is None else {**keys, "service": service}
+
+
+def _key_of(keys: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(keys.get(name) or "" for name in ("service", "class", "subclass", "type",
+                                                   "obj_id"))
 
 
 def _as_api_error(exc: Exception, request: Request) -> ApiError:
