@@ -1,0 +1,141 @@
+"""Result tables, printed as Markdown so that they paste into docs/benchmarks.md as is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memory import MemoryRow
+from roundtrip import REFERENCE, RoundtripRow, ratio_to_reference
+
+MB = 1024 * 1024
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        return (
+            "| "
+            + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True))
+            + " |"
+        )
+
+    rule = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
+    return "\n".join([line(header), rule, *(line(row) for row in rows)])
+
+
+def _num(value: float | None, fmt: str = ",.0f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def roundtrip_table(rows: list[RoundtripRow]) -> str:
+    header = [
+        "transport",
+        "scenario",
+        "server",
+        "req/s",
+        "req/s range",
+        "p50 µs",
+        "p99 µs",
+        "vs echo",
+        "server CPU",
+        "client CPU",
+        "notes",
+    ]
+    ordered = sorted(rows, key=lambda r: (r.transport, r.scenario.window == 1))
+    cells = []
+    for row in ordered:
+        scenario = f"{row.scenario.name} ({row.scenario.conns}x{row.scenario.window})"
+        if row.result is None:
+            cells.append(
+                [
+                    row.transport,
+                    scenario,
+                    row.server.name,
+                    *["-"] * 7,
+                    f"FAILED: {_first_line(row.failure)}",
+                ]
+            )
+            continue
+        res = row.result
+        ratio = ratio_to_reference(rows, row)
+        vs_echo = f"{ratio:.2f}x {REFERENCE[row.transport].name}" if ratio is not None else "-"
+        rates = [sample["rps"] for sample in row.samples]
+        cells.append(
+            [
+                row.transport,
+                scenario,
+                row.server.name,
+                _num(res["rps"]),
+                f"{_num(min(rates))}-{_num(max(rates))}",
+                _num(res["p50_us"]),
+                _num(res["p99_us"]),
+                vs_echo,
+                _num(res["server_cpu_pct"], ".0f") + "%",
+                _num(res["client_cpu_pct"], ".0f") + "%",
+                _roundtrip_notes(res, saturating=row.scenario.window > 1),
+            ]
+        )
+    return markdown_table(header, cells)
+
+
+# Above these, a sample was disturbed (see loadgen.CoreWatch) and the note says so.
+_IDLE_NOTE_PCT = 10.0
+_STEAL_NOTE_PCT = 2.0
+
+
+def _roundtrip_notes(res: dict[str, Any], *, saturating: bool) -> str:
+    notes = []
+    idle, steal = res.get("server_core_idle_pct"), res.get("steal_pct")
+    # One request at a time leaves the server idle by design; pipelined load should not.
+    if saturating and idle is not None and idle > _IDLE_NOTE_PCT:
+        notes.append(f"server core {idle:.0f}% idle")
+    if steal is not None and steal > _STEAL_NOTE_PCT:
+        notes.append(f"VM steal {steal:.0f}%")
+    if res["errors"]:
+        notes.append(f"{res['errors']} error answers")
+    if res["server_requests"]:
+        notes.append(f"{res['server_requests']} server requests answered")
+    if res["disconnected"]:
+        notes.append(f"{res['disconnected']} connections dropped")
+    return "; ".join(notes)
+
+
+def memory_table(rows: list[MemoryRow]) -> str:
+    header = [
+        "server",
+        "connections",
+        "RSS before MB",
+        "RSS delta MB",
+        "KB/connection",
+        "connect s",
+        "notes",
+    ]
+    cells = []
+    for row in rows:
+        notes = []
+        if row.server.is_echo:
+            notes.append("plain connections")
+        else:
+            notes.append("logged-in sessions")
+        if row.dropped:
+            notes.append(f"{row.dropped} dropped while idle")
+        if row.failure:
+            notes.append(f"FAILED: {_first_line(row.failure)}")
+        measured = row.rss_after > 0
+        cells.append(
+            [
+                row.server.name,
+                f"{row.sessions:,}",
+                _num(row.rss_before / MB, ".1f") if row.rss_before else "-",
+                _num((row.rss_after - row.rss_before) / MB, ".1f") if measured else "-",
+                _num(row.kb_per_session, ".1f"),
+                _num(row.connect_seconds, ".1f") if row.connected else "-",
+                "; ".join(notes),
+            ]
+        )
+    return markdown_table(header, cells)
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "unknown").strip().splitlines()[0]

@@ -1,0 +1,172 @@
+"""nkservice benchmark: request round trips and memory per session, against bare echo servers.
+
+    .venv/bin/python bench/run.py [--quick] [--only roundtrip|memory] [--server NAME ...]
+
+Every server runs in its own process and the load generator in another, each pinned to its
+own core; this process only orchestrates. Results are printed as Markdown tables; server and
+load-generator logs are kept in a temporary directory named at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import shlex
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import memory
+import orjson
+import psutil
+import report
+import roundtrip
+from harness import RunContext
+from oslimits import cpu_plan, raise_nofile_limit
+from servers import ALL_SERVERS, NKSERVICE, PICOWS_ECHO, WEBSOCKETS_ECHO, ServerSpec
+
+SECTIONS = ("roundtrip", "memory")
+FULL_TIMING = roundtrip.Timing(warmup=1.0, duration=4.0, rounds=5)
+QUICK_TIMING = roundtrip.Timing(warmup=0.5, duration=1.5, rounds=1)
+FULL_COUNTS = [1000, 10000]
+QUICK_COUNTS = [1000]
+# The memory section is about WebSocket sessions; the tcp echo has no place there.
+MEMORY_SERVERS = (PICOWS_ECHO, WEBSOCKETS_ECHO, NKSERVICE)
+_LOG_PROBLEM = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b|Exception")
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="short smoke run (under a minute)")
+    parser.add_argument("--only", choices=SECTIONS, help="run one section")
+    parser.add_argument(
+        "--server",
+        action="append",
+        choices=[spec.name for spec in ALL_SERVERS],
+        help="run only these servers (repeatable); ratios need the echo servers",
+    )
+    return parser.parse_args()
+
+
+def _versions() -> str:
+    names = ("uvloop", "picows", "websockets", "orjson", "nkservice")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return ", ".join(found)
+
+
+def _print_header(ctx: RunContext, nofile: int) -> None:
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
+    print(f"date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}")
+    cpu_model = platform.processor() or platform.machine()
+    for line in (
+        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    ):
+        if line.startswith("model name"):
+            cpu_model = line.split(":", 1)[1].strip()
+            break
+    ram_gib = psutil.virtual_memory().total / 2**30
+    system = f"{platform.system()} {platform.release()}"
+    print(f"machine: {os.cpu_count()} CPUs ({cpu_model}), {ram_gib:.0f} GiB RAM, {system}")
+    print(f"python: {platform.python_version()}; {_versions()}")
+    pinning = (
+        f"server on CPU {sorted(ctx.server_cpus)}, load generator on CPU {sorted(ctx.load_cpus)}"
+        if ctx.server_cpus and ctx.load_cpus
+        else "no pinning (one CPU)"
+    )
+    print(f"pinning: {pinning}; open files limit: {nofile}")
+    print(f"logs: {ctx.log_dir}")
+    print(flush=True)
+
+
+def _print_failures(failures: list[tuple[str, str]]) -> None:
+    """Each distinct reason once, with what it failed (a dead server fails all its rows)."""
+    by_reason: dict[str, list[str]] = {}
+    for what, why in failures:
+        by_reason.setdefault(why, []).append(what)
+    for why, whats in by_reason.items():
+        print(f"\nFAILED {', '.join(whats)}:\n{why}")
+
+
+def _log_problems(log_dir: Path) -> list[str]:
+    """Server logs that contain errors or tracebacks: worth a look even if the figures came out."""
+    found = []
+    for path in sorted(log_dir.glob("*.log")):
+        hits = [
+            line
+            for line in path.read_text(errors="replace").splitlines()
+            if _LOG_PROBLEM.search(line)
+        ]
+        if hits:
+            found.append(f"{path.name}: {len(hits)} error lines, first: {hits[0].strip()[:200]}")
+    return found
+
+
+def main() -> int:
+    args = _parse_args()
+    nofile = raise_nofile_limit()  # inherited by the servers and the load generator
+    server_cpus, load_cpus = cpu_plan()
+    ctx = RunContext(Path(tempfile.mkdtemp(prefix="nkservice-bench-")), server_cpus, load_cpus)
+    chosen: list[ServerSpec] = [s for s in ALL_SERVERS if not args.server or s.name in args.server]
+    sections = [args.only] if args.only else list(SECTIONS)
+    _print_header(ctx, nofile)
+    failed = False
+    rows: list[roundtrip.RoundtripRow] = []
+    mem_rows: list[memory.MemoryRow] = []
+
+    if "roundtrip" in sections:
+        timing = QUICK_TIMING if args.quick else FULL_TIMING
+        title = (
+            f"median of {timing.rounds} interleaved rounds,"
+            f" each {timing.warmup:g} s warm-up + {timing.duration:g} s measured"
+        )
+        print(f"## Request round trips ({title})\n", flush=True)
+        rows = roundtrip.run(ctx, chosen, timing)
+        print(report.roundtrip_table(rows), flush=True)
+        failures = [
+            (f"{r.server.name} {r.transport} {r.scenario.name}", r.failure)
+            for r in rows
+            if r.failure
+        ]
+        _print_failures(failures)
+        failed |= bool(failures)
+        print()
+
+    if "memory" in sections:
+        servers = [s for s in chosen if s in MEMORY_SERVERS]
+        counts = QUICK_COUNTS if args.quick else FULL_COUNTS
+        title = f"RSS read after {memory.SETTLE_SECONDS:g} s of settling"
+        print(f"## Memory per idle WebSocket connection ({title})\n", flush=True)
+        mem_rows = memory.run(ctx, servers, counts)
+        print(report.memory_table(mem_rows), flush=True)
+        mem_failures = [
+            (f"{r.server.name} memory {r.sessions}", r.failure) for r in mem_rows if r.failure
+        ]
+        _print_failures(mem_failures)
+        failed |= bool(mem_failures)
+        print()
+
+    # Every sample of every round, for a closer look than the medians in the tables.
+    (ctx.log_dir / "results.json").write_bytes(
+        orjson.dumps({"roundtrip": rows, "memory": mem_rows}, option=orjson.OPT_INDENT_2)
+    )
+    problems = _log_problems(ctx.log_dir)
+    if problems:
+        print("## Errors found in logs\n")
+        print("\n".join(f"- {p}" for p in problems))
+    print(f"\nlogs and raw results kept in {ctx.log_dir}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
