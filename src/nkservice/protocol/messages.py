@@ -60,8 +60,8 @@ class BadMessage(Exception):
 
 
 def is_tid(value: object) -> bool:
-    # bool is an int in Python but `true` is not a tid in JSON.
-    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+    # Exact types: bool is an int in Python, but `true` is not a tid in JSON.
+    return type(value) is int or type(value) is str
 
 
 def _loads(raw: bytes) -> Any:
@@ -75,17 +75,18 @@ def _loads(raw: bytes) -> Any:
 
 def decode(raw: bytes) -> Message:
     obj = _loads(raw)
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:
         raise BadMessage(ErrorCode.invalid_message)
     tid = obj.get("tid")
-    salvaged: Tid | None = tid if is_tid(tid) else None
+    # Exact type checks, written out: this runs for every message received.
+    salvaged: Tid | None = tid if type(tid) is int or type(tid) is str else None
     if "class" in obj and "cmd" in obj and "tid" in obj:
         class_, cmd, subclass = obj["class"], obj["cmd"], obj.get("subclass")
         if (
             salvaged is None
-            or not isinstance(class_, str)
-            or not isinstance(cmd, str)
-            or not (subclass is None or isinstance(subclass, str))
+            or type(class_) is not str
+            or type(cmd) is not str
+            or not (subclass is None or type(subclass) is str)
         ):
             raise BadMessage(ErrorCode.invalid_message, salvaged)
         return Request(class_, cmd, salvaged, subclass, obj.get("data"))
