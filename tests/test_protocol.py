@@ -272,6 +272,41 @@ async def test_invalid_utf8_in_a_text_frame_closes_with_1007(
     assert await peer.wait_closed() == 1007
 
 
+async def test_websocket_pings_get_pongs_between_messages(
+        make_node: NodeFactory, connect: PeerFactory, transport: str) -> None:
+    if transport in ("tcp", "tls"):
+        pytest.skip("a WebSocket rule")
+    node = await make_node(demo={})
+    peer = await connect(node, "demo", transport)
+    await peer.send({"class": "core", "cmd": "ping", "tid": 1})
+    await peer.websocket_ping()
+    await peer.send({"class": "core", "cmd": "ping", "tid": 2})
+    assert [await peer.recv(), await peer.recv()] == [{"result": "ok", "tid": 1},
+                                                      {"result": "ok", "tid": 2}]
+
+
+async def test_many_messages_in_one_read_are_all_answered_in_order(
+        make_node: NodeFactory, connect: PeerFactory, transport: str) -> None:
+    node = await make_node(demo={})
+    peer = await connect(node, "demo", transport)
+    for tid in range(200):
+        await peer.send({"class": "core", "cmd": "ping", "tid": tid})
+    assert [(await peer.recv())["tid"] for _ in range(200)] == list(range(200))
+
+
+@pytest.mark.parametrize("size", [10, 200, 70_000])  # each WebSocket length encoding
+async def test_answers_of_every_size_are_framed_right(
+        make_node: NodeFactory, connect: PeerFactory, transport: str, size: int) -> None:
+    node = await make_node(demo={})
+    peer = await connect(node, "demo", transport)
+    await peer.login("alice", "pw1")
+    body = {"pad": "x" * size}
+    assert (await peer.request("core", "subscribe", {"class": "big", "body": body}))[
+        "result"] == "ok"
+    listed = (await peer.request("core", "get_subscriptions"))["data"]
+    assert [s["body"] for s in listed if s["class"] == "big"] == [body]
+
+
 async def test_json_in_a_binary_frame_is_accepted(
         make_node: NodeFactory, connect: PeerFactory, transport: str) -> None:
     node = await make_node(demo={})

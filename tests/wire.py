@@ -110,6 +110,13 @@ class Peer:
         data: dict[str, Any] = response["data"]
         return data
 
+    async def websocket_ping(self) -> None:
+        """A WebSocket-level ping; returns when its pong arrives."""
+        assert self._ws is not None
+        pong = await self._ws.ping(b"are you there")
+        async with asyncio.timeout(RECV_TIMEOUT):
+            await pong
+
     async def wait_closed(self, timeout: float = RECV_TIMEOUT) -> int | None:
         """Read until the server closes; the WebSocket close code (None on tcp/tls)."""
         async with asyncio.timeout(timeout):

@@ -3,6 +3,11 @@
 picows parses frames in C and hands each one to a `WSListener`; `MessageListener` joins
 fragmented messages, applies the size limit and the text-frame UTF-8 rule of §1.4, and
 passes whole messages to the `Connection`. Other HTTP requests get a plain 404.
+
+picows writes every frame it is given with its own system call. The answers to the frames
+of one read are instead framed here and written together: a pipelining client costs one
+call per read, not one per answer. That needs every frame of a read to reach the listener
+(`last_in_buffer` marks the end), so pings are answered here rather than by picows.
 """
 
 from __future__ import annotations
@@ -24,12 +29,22 @@ PICOWS_LOGGER = "nkservice.transport.picows"
 HANDSHAKE_TIMEOUT = 5.0
 # The read buffer grows on demand; a small start keeps idle connections cheap.
 READ_BUFFER_INIT_SIZE = 1024
-_TEXT, _BINARY, _CONTINUATION, _CLOSE = (WSMsgType.TEXT, WSMsgType.BINARY,
-                                          WSMsgType.CONTINUATION, WSMsgType.CLOSE)
+_TEXT, _BINARY, _CONTINUATION, _CLOSE, _PING = (
+    WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION, WSMsgType.CLOSE, WSMsgType.PING)
+
+
+def text_frame_header(size: int) -> bytes:
+    """RFC 6455 §5.2: FIN + text opcode, no mask (server to client), then the length."""
+    if size < 126:
+        return bytes((0x81, size))
+    if size < 1 << 16:
+        return b"\x81\x7e" + size.to_bytes(2, "big")
+    return b"\x81\x7f" + size.to_bytes(8, "big")
 
 
 class MessageListener(WSListener):
-    __slots__ = ("_accept", "_conn", "_fragments", "_max_size", "_scheme", "_wakeups", "_ws")
+    __slots__ = ("_accept", "_batch", "_conn", "_fragments", "_max_size", "_scheme",
+                 "_wakeups", "_ws")
 
     def __init__(self, accept: Accept, scheme: str) -> None:
         super().__init__()
@@ -40,6 +55,7 @@ class MessageListener(WSListener):
         self._wakeups: WakeUps | None = None
         self._fragments: FragmentAssembler | None = None  # made for the first fragmented message
         self._max_size = 0
+        self._batch: list[bytes] | None = None  # a list while the frames of a read are handled
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self._ws = transport
@@ -51,6 +67,15 @@ class MessageListener(WSListener):
         self._max_size = self._conn.limits.max_message_size
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if self._batch is None:
+            self._batch = []
+        try:
+            self._frame(transport, frame)
+        finally:
+            if frame.last_in_buffer:
+                self._flush()
+
+    def _frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
         if kind is _TEXT or kind is _BINARY:
             if frame.fin:
@@ -60,8 +85,12 @@ class MessageListener(WSListener):
         elif kind is _CONTINUATION:
             self._next_fragment(frame.get_payload_as_bytes(), frame.fin)
         elif kind is _CLOSE:
+            self._flush()
             transport.send_close(frame.get_close_code())
             transport.disconnect()
+        elif kind is _PING:
+            self._flush()
+            transport.send_pong(frame.get_payload_as_bytes())
 
     def _message(self, payload: bytes, is_text: bool) -> None:
         assert self._conn is not None
@@ -99,16 +128,25 @@ class MessageListener(WSListener):
         if self._conn is not None:
             self._conn.lost()
 
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch and self._ws is not None and not self._ws.is_close_frame_sent:
+            self._ws.underlying_transport.write(b"".join(batch))
+
     def _close_transport(self, code: WSCloseCode, reason: str) -> None:
         assert self._ws is not None
+        self._flush()
         self._ws.send_close(code, reason.encode()[:120])
         self._ws.disconnect()
 
     # -- Wire --------------------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        assert self._ws is not None
-        self._ws.send(_TEXT, data)
+        if self._batch is not None:
+            self._batch += (text_frame_header(len(data)), data)
+        else:
+            assert self._ws is not None
+            self._ws.send(_TEXT, data)
 
     def close(self, reason: str) -> None:
         self._close_transport(WSCloseCode.OK, reason)
@@ -150,7 +188,7 @@ def websocket_protocol_factory(accept: Accept, scheme: str, paths: Collection[st
             True,  # disconnect_on_exception
             HANDSHAKE_TIMEOUT,
             False, 20.0, 20.0, WSAutoPingStrategy.PING_WHEN_IDLE,  # WebSocket-level pings: off
-            True,  # enable_auto_pong
+            False,  # enable_auto_pong: MessageListener answers pings (see above)
             max_frame_size,
             None,  # extra_headers
             READ_BUFFER_INIT_SIZE,
