@@ -66,19 +66,20 @@ def send(caller: Session, request: Request) -> Any:
     return None
 
 
-def send_user_event(caller: Session, request: Request) -> Any:
-    fields = request.fields
-    topic = Topic(target_service(caller, fields).name, "core", "user_event",
-                  _name(fields, "type"), _name(fields, "user", default=None))
+def _send_to(caller: Session, fields: dict[str, Any], subclass: str, id_field: str) -> None:
+    """Publish `core/<subclass>/<type>/<the id>`: what an automatic subscription receives."""
+    topic = Topic(target_service(caller, fields).name, "core", subclass,
+                  _name(fields, "type"), _name(fields, id_field, default=None))
     caller.service.events.publish(topic, fields.get("body"))
+
+
+def send_user_event(caller: Session, request: Request) -> Any:
+    _send_to(caller, request.fields, "user_event", "user")
     return None
 
 
 def send_session_event(caller: Session, request: Request) -> Any:
-    fields = request.fields
-    topic = Topic(target_service(caller, fields).name, "core", "session_event",
-                  _name(fields, "type"), _name(fields, "session_id", default=None))
-    caller.service.events.publish(topic, fields.get("body"))
+    _send_to(caller, request.fields, "session_event", "session_id")
     return None
 
 
