@@ -17,15 +17,14 @@ import argparse
 import asyncio
 import contextlib
 import os
-import resource
 import sys
 import time
 from typing import Any
 
 import orjson
-import psutil
 import uvloop
 from clients import Client, connect
+from cpuwatch import CoreWatch, own_cpu_seconds, tree_cpu_seconds
 from oslimits import raise_nofile_limit
 
 HOST = "127.0.0.1"
@@ -34,48 +33,6 @@ HOST = "127.0.0.1"
 def _emit(obj: dict[str, Any]) -> None:
     sys.stdout.buffer.write(orjson.dumps(obj) + b"\n")
     sys.stdout.flush()
-
-
-def _own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _tree_cpu_seconds(pid: int) -> float:
-    """CPU time of a process and its children (a server may run worker processes)."""
-    root = psutil.Process(pid)
-    total = 0.0
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
-
-
-class CoreWatch:
-    """What the server's core and the machine did over the measured period.
-
-    The server's own CPU time misses work the kernel does for it elsewhere (network softirqs
-    handed to ksoftirqd) and time the hypervisor takes from the VM (steal). Idle time on the
-    server's core is the direct sign that the server was not the limit in that sample.
-    """
-
-    def __init__(self, server_pid: int) -> None:
-        cores = psutil.Process(server_pid).cpu_affinity() if server_pid else []
-        self._core = cores[0] if len(cores) == 1 else None
-        self._start = psutil.cpu_times(percpu=True)
-
-    def finish(self) -> dict[str, float | None]:
-        end = psutil.cpu_times(percpu=True)
-        steal = sum(e.steal - s.steal for s, e in zip(self._start, end, strict=True))
-        total = sum(sum(e) - sum(s) for s, e in zip(self._start, end, strict=True))
-        idle = None
-        if self._core is not None:
-            s, e = self._start[self._core], end[self._core]
-            idle = 100 * ((e.idle + e.iowait) - (s.idle + s.iowait)) / (sum(e) - sum(s))
-        return {"server_core_idle_pct": idle, "steal_pct": 100 * steal / total}
 
 
 async def _connect_many(args: argparse.Namespace) -> tuple[list[Client], list[str]]:
@@ -127,9 +84,9 @@ async def roundtrip(args: argparse.Namespace) -> dict[str, Any]:
             session.record_latency(latencies)
     replies0 = sum(s.replies for s in sessions)
     errors0 = sum(s.errors for s in sessions)
-    server_cpu0 = _tree_cpu_seconds(args.server_pid) if args.server_pid else 0.0
+    server_cpu0 = tree_cpu_seconds(args.server_pid) if args.server_pid else 0.0
     cores = CoreWatch(args.server_pid)
-    own_cpu0 = _own_cpu_seconds()
+    own_cpu0 = own_cpu_seconds()
     t0 = time.perf_counter()
 
     await asyncio.sleep(args.duration)
@@ -137,9 +94,9 @@ async def roundtrip(args: argparse.Namespace) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     replies = sum(s.replies for s in sessions) - replies0
     errors = sum(s.errors for s in sessions) - errors0
-    server_cpu = (_tree_cpu_seconds(args.server_pid) - server_cpu0) if args.server_pid else None
+    server_cpu = (tree_cpu_seconds(args.server_pid) - server_cpu0) if args.server_pid else None
     machine = cores.finish()
-    own_cpu = _own_cpu_seconds() - own_cpu0
+    own_cpu = own_cpu_seconds() - own_cpu0
     dropped = sum(s.closed for s in sessions)
     for session in sessions:
         session.latencies_ns = None  # the measured period is over

@@ -208,16 +208,12 @@ class Connection:
     def send_request(self, class_: str, cmd: str, data: Any = None, *,
                      subclass: str | None = None, waiter: Waiter | None = None) -> int:
         """Send a request the client must answer within `request_timeout` (or acks)."""
-        tid = self._next_tid
-        self._next_tid += 1
         if self.closed:
             if waiter is not None:
                 waiter.failed(ApiError(ErrorCode.session_not_found, "connection closed"))
-            return tid
-        deadline = self._clock() + self.limits.request_timeout
-        self._sent[tid] = _Sent(deadline, waiter)
+            return 0
+        tid = self._expect_answer(waiter)
         self._wire.send(encode_request(tid, class_, cmd, data, subclass))
-        self._want_wake(deadline)
         return tid
 
     def send_event(self, data: bytes) -> None:
@@ -231,12 +227,17 @@ class Connection:
                      len(self._sent), self._wire.backlog())
             self.close("slow consumer")
             return
+        tid = self._expect_answer(None)
+        self._wire.send(b'{"class":"core","cmd":"event","tid":%d,"data":%b}' % (tid, data))
+
+    def _expect_answer(self, waiter: Waiter | None) -> int:
+        """A new server tid, in the table of requests the client must answer in time."""
         tid = self._next_tid
         self._next_tid += 1
-        deadline = self._clock() + limits.request_timeout
-        self._sent[tid] = _Sent(deadline, None)
-        self._wire.send(b'{"class":"core","cmd":"event","tid":%d,"data":%b}' % (tid, data))
+        deadline = self._clock() + self.limits.request_timeout
+        self._sent[tid] = _Sent(deadline, waiter)
         self._want_wake(deadline)
+        return tid
 
     @property
     def awaiting_answers(self) -> int:
