@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -438,3 +439,74 @@ async def test_a_slow_consumer_is_dropped_and_nobody_else_waits(
             received += 1
     assert received == 5
     assert "alice" not in node.services["demo"].users
+
+
+# -- resuming a session (§3.3) --------------------------------------------------------------------
+
+async def gone(admin: Peer, user_name: str) -> None:
+    """Until the server has seen `user_name`'s connection close (bounded)."""
+    for _ in range(200):
+        if user_name not in await ok(admin, "list_users"):
+            return
+    raise AssertionError(f"{user_name} still listed")
+
+
+async def test_a_session_resumes_with_what_it_missed(
+        make_node: NodeFactory, connect: PeerFactory, transport: str) -> None:
+    node = await make_node(demo={"resume_window": 30, "resume_buffer": 2})
+    admin, _ = await user(connect, node, transport, "demo-admin", "pw")
+    first, _ = await user(connect, node, transport, "alice", "pw1", session_id="phone")
+    await ok(first, "subscribe", {"class": "media", "body": {"kept": True}})
+    await first.close()
+    await gone(admin, "alice")
+    for n in range(3):  # only the newest two are kept
+        await ok(admin, "send_event", {"class": "media", "body": {"n": n}})
+    again = await connect(node, "demo", transport)
+    login = await again.login("alice", "pw1", session_id="phone")
+    assert login["resumed"] is True
+    assert [(await next_event(again))["body"] for _ in range(2)] == [
+        {"kept": True, "n": 1}, {"kept": True, "n": 2}]
+    await ok(admin, "send_event", {"class": "media", "body": {"n": 3}})
+    assert (await next_event(again))["body"] == {"kept": True, "n": 3}
+    assert [s["class"] for s in await ok(again, "get_subscriptions")] == [
+        "core", "core", "media"]
+
+
+async def test_no_resume_for_another_user_or_after_the_window(
+        make_node: NodeFactory, connect: PeerFactory, transport: str) -> None:
+    node = await make_node(demo={"resume_window": 30}, short={"resume_window": 0.05})
+    admin, _ = await user(connect, node, transport, "demo-admin", "pw")
+    alice, _ = await user(connect, node, transport, "alice", "pw1", session_id="shared")
+    await ok(alice, "subscribe", {"class": "media"})
+    await alice.close()
+    await gone(admin, "alice")
+    bob = await connect(node, "demo", transport)
+    login = await bob.login("bob", "pw2", session_id="shared")
+    assert "resumed" not in login
+    assert all(s["class"] == "core" for s in await ok(bob, "get_subscriptions"))
+
+    short_admin, _ = await user(connect, node, transport, "demo-admin", "pw", service="short")
+    carol, _ = await user(connect, node, transport, "carol", "pw3", service="short",
+                          session_id="tablet")
+    await ok(carol, "subscribe", {"class": "media"})
+    await carol.close()
+    await gone(short_admin, "carol")
+    async with asyncio.timeout(5):  # the server's own 50 ms timer: nothing to await on
+        while node.services["short"].parked:  # noqa: ASYNC110 (time is what is tested)
+            await asyncio.sleep(0.01)
+    later = await connect(node, "short", transport)
+    assert "resumed" not in await later.login("carol", "pw3", session_id="tablet")
+    assert len(node.events.index) == 2 * 4  # the live sessions' automatic ones, nothing else
+
+
+async def test_resume_is_off_by_default(make_node: NodeFactory, connect: PeerFactory,
+                                        transport: str) -> None:
+    node = await make_node(demo={})
+    admin, _ = await user(connect, node, transport, "demo-admin", "pw")
+    alice, _ = await user(connect, node, transport, "alice", "pw1", session_id="phone")
+    await ok(alice, "subscribe", {"class": "media"})
+    await alice.close()
+    await gone(admin, "alice")
+    assert node.services["demo"].parked == {}
+    again = await connect(node, "demo", transport)
+    assert "resumed" not in await again.login("alice", "pw1", session_id="phone")

@@ -11,14 +11,38 @@ reach each receiver in the order they were sent.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 
 from nkservice.events.index import WILDCARD, Subscription, SubscriptionIndex, Topic
 
-if TYPE_CHECKING:
-    from nkservice.service.session import Session
+
+class Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class EventSink(Protocol):
+    def send_event(self, data: bytes) -> None: ...
+
+
+class Subscriber(Protocol):
+    """What the bus needs of a subscriber: a live session, or one parked for resuming."""
+
+    @property
+    def service(self) -> Named: ...
+
+    @property
+    def seed_form(self) -> bool: ...
+
+    @property
+    def conn(self) -> EventSink: ...
+
+    @property
+    def subscriptions(self) -> dict[Topic, Subscription]: ...
+
+    def __hash__(self) -> int: ...
 
 
 def automatic_topics(service: str, user: str, session_id: str) -> tuple[Topic, Topic]:
@@ -58,16 +82,21 @@ def encode_event(topic: Topic, body: Any, *, with_service: bool, with_obj: bool)
 
 class EventBus:
     def __init__(self) -> None:
-        self.index: SubscriptionIndex[Session] = SubscriptionIndex()
+        self.index: SubscriptionIndex[Subscriber] = SubscriptionIndex()
 
-    def subscribe(self, session: Session, topic: Topic, body: Any = None) -> None:
+    def subscribe(self, session: Subscriber, topic: Topic, body: Any = None) -> None:
         session.subscriptions[topic] = self.index.add(session, topic, body)
 
-    def unsubscribe(self, session: Session, topic: Topic) -> bool:
+    def unsubscribe(self, session: Subscriber, topic: Topic) -> bool:
         session.subscriptions.pop(topic, None)
         return self.index.remove(session, topic)
 
-    def drop(self, session: Session) -> list[Subscription]:
+    def move(self, source: Subscriber, target: Subscriber) -> None:
+        """Hand all of `source`'s subscriptions to `target`, in their order."""
+        for subscription in self.drop(source):
+            self.subscribe(target, subscription.topic, subscription.body)
+
+    def drop(self, session: Subscriber) -> list[Subscription]:
         """Remove all of a session's subscriptions (it has ended); returns them."""
         dropped = list(session.subscriptions.values())
         for topic in session.subscriptions:

@@ -9,11 +9,12 @@ from typing import Any, Protocol
 
 from nkservice.errors import ApiError, ErrorCode
 from nkservice.events.bus import EventBus
-from nkservice.events.index import Subscription, Topic
+from nkservice.events.index import Topic
 from nkservice.protocol.connection import Connection, Wire
 from nkservice.protocol.messages import Request
 from nkservice.service.config import Credentials, ServiceConfig
 from nkservice.service.login import LoginStep, login_chain
+from nkservice.service.resume import Claim, ParkedSession
 from nkservice.service.session import Session
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class Service:
         self.sessions: dict[str, Session] = {}
         self.users: dict[str, dict[str, Session]] = {}
         self.connections: set[Session] = set()  # logged in or not, for shutdown
+        self.parked: dict[str, ParkedSession] = {}
+        self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     def accept(self, wire: Wire, clock: Callable[[], float], transport: str, host: str,
@@ -54,17 +57,46 @@ class Service:
 
     # -- the registry ----------------------------------------------------------------------
 
-    def claim_session_id(self, session_id: str, user: str) -> list[Subscription]:
-        """Make room for a session id chosen at login (§3.3), or refuse it. A live session
-        of the same user is replaced: its subscriptions are returned for the new one."""
+    def claim_session_id(self, session_id: str, user: str) -> Claim:
+        """Make room for a session id chosen at login (§3.3), or refuse it. A live session of
+        the same user is replaced, a parked one resumed: the new session takes over their
+        subscriptions (and the events a parked one kept)."""
         holder = self.sessions.get(session_id)
-        if holder is None:
-            return []
-        if holder.user != user:
-            raise ApiError(ErrorCode.duplicated_session_id)
-        inherited = list(holder.subscriptions.values())
-        holder.stop("replaced by a new login with the same session id")
-        return inherited
+        if holder is not None:
+            if holder.user != user:
+                raise ApiError(ErrorCode.duplicated_session_id)
+            inherited = list(holder.subscriptions.values())
+            holder.stop("replaced by a new login with the same session id")
+            self._unpark(session_id)  # stopping it may have parked it
+            return Claim(inherited)
+        parked = self._unpark(session_id)
+        if parked is None or parked.user != user:
+            return Claim()
+        return Claim(list(parked.subscriptions.values()), list(parked.buffer), resumed=True)
+
+    def session_ended(self, session: Session) -> None:
+        """A logged-in session closed: park it for resuming, or drop its subscriptions."""
+        window = self.config.resume_window
+        if window <= 0 or self._stopping:
+            self.events.drop(session)
+            return
+        parked = ParkedSession(session, self.config.resume_buffer)
+        self.events.move(session, parked)
+        parked.expiry = asyncio.get_running_loop().call_later(window, self._unpark,
+                                                              parked.session_id)
+        self._unpark(parked.session_id)
+        self.parked[parked.session_id] = parked
+
+    def _unpark(self, session_id: str) -> ParkedSession | None:
+        """Take a parked session out (resumed, replaced or expired); its subscriptions leave
+        the index and stay listed on the record for whoever resumes it."""
+        parked = self.parked.pop(session_id, None)
+        if parked is not None:
+            if parked.expiry is not None:
+                parked.expiry.cancel()
+            subscriptions = self.events.drop(parked)
+            parked.subscriptions = {s.topic: s for s in subscriptions}
+        return parked
 
     def add(self, session: Session) -> None:
         self.sessions[session.session_id] = session
@@ -111,7 +143,10 @@ class Service:
         task.add_done_callback(self._tasks.discard)
 
     def stop(self, reason: str) -> None:
+        self._stopping = True
         for session in list(self.connections):
             session.stop(reason)
+        for session_id in list(self.parked):
+            self._unpark(session_id)
         for task in list(self._tasks):
             task.cancel()

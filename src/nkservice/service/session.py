@@ -100,7 +100,7 @@ class Session:
     def on_closed(self) -> None:
         self.service.closed(self)
         if self.logged_in:
-            self.service.events.drop(self)
+            self.service.session_ended(self)
             self._publish_lifecycle("stop")
 
     def _publish_lifecycle(self, what: str) -> None:
@@ -196,7 +196,7 @@ class Session:
             return
         user = decision.user or attempt.user
         session_id = decision.session_id or attempt.session_id or str(uuid.uuid4())
-        inherited = self.service.claim_session_id(session_id, user)
+        claim = self.service.claim_session_id(session_id, user)
         self.user = user
         self.session_id = session_id
         self.role = decision.role
@@ -207,10 +207,15 @@ class Session:
         events = self.service.events
         for topic in automatic_topics(self.service.name, user, session_id):
             events.subscribe(self, topic)
-        for subscription in inherited:
+        for subscription in claim.subscriptions:
             events.subscribe(self, subscription.topic, subscription.body)
         self.conn.logged_in()
-        self.conn.reply(request.tid, {**decision.data, "session_id": session_id, "user": user})
+        answer = {**decision.data, "session_id": session_id, "user": user}
+        if claim.resumed:
+            answer["resumed"] = True
+        self.conn.reply(request.tid, answer)
+        for event in claim.missed_events:  # before anything newer (§3.3)
+            self.conn.send_event(event)
         self._publish_lifecycle("start")
 
     async def _refuse(self, request: Request, attempt: LoginAttempt,

@@ -1,0 +1,48 @@
+"""Resuming a session (PROTOCOL.md §3.3): a session that ends while its service has a
+`resume_window` is parked. The parked record keeps the session's subscriptions in the
+index and buffers the events they match (the newest `resume_buffer`), until a login of the
+same user with the same session id takes them over, or the window passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from nkservice.events.index import Subscription, Topic
+
+if TYPE_CHECKING:
+    from nkservice.service.service import Service
+    from nkservice.service.session import Session
+
+
+class ParkedSession:
+    __slots__ = ("buffer", "expiry", "seed_form", "service", "session_id", "subscriptions",
+                 "user")
+
+    def __init__(self, session: Session, buffer_size: int) -> None:
+        self.service: Service = session.service
+        self.user = session.user
+        self.session_id = session.session_id
+        self.seed_form = session.seed_form
+        self.subscriptions: dict[Topic, Subscription] = {}
+        self.buffer: deque[bytes] = deque(maxlen=buffer_size)
+        self.expiry: asyncio.TimerHandle | None = None
+
+    @property
+    def conn(self) -> ParkedSession:
+        return self  # the bus writes events to `conn.send_event`: keep them instead
+
+    def send_event(self, data: bytes) -> None:
+        self.buffer.append(data)
+
+
+@dataclass(slots=True)
+class Claim:
+    """What a login with a chosen session id takes over (see `Service.claim_session_id`)."""
+
+    subscriptions: list[Subscription] = field(default_factory=list)
+    missed_events: list[bytes] = field(default_factory=list)
+    resumed: bool = False
