@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -26,8 +27,12 @@ class RunContext:
     def server(self, spec: ServerSpec, label: str) -> ServerProcess:
         return ServerProcess(spec, self.server_cpus, self.log_dir / f"{spec.name}-{label}.log")
 
-    def start_load(self, args: list[str], label: str) -> LoadProcess:
-        return LoadProcess(args, self.log_dir / f"loadgen-{label}.log", self.load_cpus)
+    def start_load(self, args: list[str], label: str, script: str = "loadgen.py") -> LoadProcess:
+        return LoadProcess(args, self.log_dir / f"loadgen-{label}.log", self.load_cpus, script)
+
+    def load_session(self, args: list[str], label: str) -> LoadSession:
+        """A bench/eventload.py process, driven by commands (see LoadSession)."""
+        return LoadSession(self.start_load(args, label, "eventload.py"))
 
     def run_load(self, args: list[str], label: str, timeout: float) -> dict[str, Any]:
         """Run the load generator to completion and return its JSON result."""
@@ -49,11 +54,13 @@ class LoadProcess:
     a pipe holds, and a full pipe would freeze the load generator mid-measurement.
     """
 
-    def __init__(self, args: list[str], log_path: Path, cpus: set[int] | None) -> None:
+    def __init__(
+        self, args: list[str], log_path: Path, cpus: set[int] | None, script: str = "loadgen.py"
+    ) -> None:
         self.log_path = log_path
         with log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(BENCH_DIR / "loadgen.py"), *args],
+                [sys.executable, str(BENCH_DIR / script), *args],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
@@ -79,3 +86,59 @@ class LoadProcess:
         if not self.log_path.stat().st_size:
             self.log_path.unlink()  # keep only the logs that say something
         return result
+
+
+class LoadSession:
+    """A load generator that sets up, prints one JSON line, then answers commands.
+
+    Each command is one JSON line on its stdin and gets one JSON line back; `{"error": …}`
+    becomes LoadFailed. Use as a context manager: the process is closed (or killed) on exit.
+    """
+
+    def __init__(self, load: LoadProcess) -> None:
+        self._load = load
+
+    def __enter__(self) -> LoadSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def read(self, timeout: float) -> dict[str, Any]:
+        """The next JSON line, within `timeout` seconds."""
+        proc = self._load.proc
+        assert proc.stdout is not None
+        readable, _, _ = select.select([proc.stdout], [], [], timeout)
+        line = proc.stdout.readline() if readable else b""
+        if not line:
+            still_running = proc.poll() is None
+            self._load.abort()
+            if still_running:
+                raise LoadFailed(f"load generator silent for {timeout:.0f} s; killed")
+            raise self._load.failure()
+        reply: dict[str, Any] = orjson.loads(line)
+        if "error" in reply:
+            raise LoadFailed(f"load generator: {reply['error']}")
+        return reply
+
+    def command(self, command: dict[str, Any], timeout: float) -> dict[str, Any]:
+        proc = self._load.proc
+        assert proc.stdin is not None
+        if proc.poll() is not None:
+            raise self._load.failure()
+        proc.stdin.write(orjson.dumps(command) + b"\n")
+        proc.stdin.flush()
+        return self.read(timeout)
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Ask the process to close its connections and end; kill it if it does not."""
+        proc = self._load.proc
+        if proc.poll() is not None:
+            return
+        try:
+            proc.communicate(orjson.dumps({"op": "close"}) + b"\n", timeout=timeout)
+        except (subprocess.TimeoutExpired, BrokenPipeError):
+            self._load.abort()
+        log = self._load.log_path
+        if log.exists() and not log.stat().st_size:
+            log.unlink()  # keep only the logs that say something

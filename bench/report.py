@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import fanout
+import matching
+from fanout import FanoutRow
+from matching import MatchingRow, MicroRow
 from memory import MemoryRow
 from roundtrip import REFERENCE, RoundtripRow, ratio_to_reference
 
@@ -82,6 +86,8 @@ def roundtrip_table(rows: list[RoundtripRow]) -> str:
 # Above these, a sample was disturbed (see loadgen.CoreWatch) and the note says so.
 _IDLE_NOTE_PCT = 10.0
 _STEAL_NOTE_PCT = 2.0
+# A load generator this busy may be what limits the figures (it has one core too).
+_CLIENT_BUSY_PCT = 95.0
 
 
 def _roundtrip_notes(res: dict[str, Any], *, saturating: bool) -> str:
@@ -94,6 +100,119 @@ def _roundtrip_notes(res: dict[str, Any], *, saturating: bool) -> str:
         notes.append(f"VM steal {steal:.0f}%")
     if res["errors"]:
         notes.append(f"{res['errors']} error answers")
+    if res["server_requests"]:
+        notes.append(f"{res['server_requests']} server requests answered")
+    if res["disconnected"]:
+        notes.append(f"{res['disconnected']} connections dropped")
+    return "; ".join(notes)
+
+
+def fanout_table(rows: list[FanoutRow]) -> str:
+    header = [
+        "receivers",
+        "scenario",
+        "server",
+        "deliveries/s",
+        "deliveries/s range",
+        "to last p50 ms",
+        "to last max ms",
+        "vs ceiling",
+        "server CPU",
+        "client CPU",
+        "notes",
+    ]
+    cells = []
+    for row in rows:
+        first = [f"{row.receivers:,}", row.label, row.server.name]
+        res = row.result
+        if res is None:
+            cells.append([*first, *["-"] * 7, f"FAILED: {_first_line(row.failure)}"])
+            continue
+        ratio = fanout.ratio_to_reference(rows, row)
+        rates = [sample["dps"] for sample in row.samples]
+        cells.append(
+            [
+                *first,
+                _num(res["dps"]),
+                f"{_num(min(rates))}-{_num(max(rates))}",
+                _num(res["last_p50_ms"], ".1f"),
+                _num(res["last_max_ms"], ".1f"),
+                f"{ratio:.2f}x" if ratio is not None else "-",
+                _num(res["server_cpu_pct"], ".0f") + "%",
+                _num(res["client_cpu_pct"], ".0f") + "%",
+                _event_notes(res),
+            ]
+        )
+    return markdown_table(header, cells)
+
+
+def matching_table(rows: list[MatchingRow]) -> str:
+    header = [
+        "subscriptions",
+        "matching",
+        "publishes/s",
+        "publishes/s range",
+        "deliveries/s",
+        "vs smallest",
+        "server CPU",
+        "client CPU",
+        "setup s",
+        "notes",
+    ]
+    cells = []
+    for row in rows:
+        first = [f"{row.subscriptions:,}", "10"]
+        res = row.result
+        if res is None:
+            cells.append([*first, *["-"] * 7, f"FAILED: {_first_line(row.failure)}"])
+            continue
+        ratio = matching.ratio(rows, row)
+        rates = [sample["pps"] for sample in row.samples]
+        setup = row.setup["setup_seconds"] if row.setup else None
+        cells.append(
+            [
+                *first,
+                _num(res["pps"]),
+                f"{_num(min(rates))}-{_num(max(rates))}",
+                _num(res["dps"]),
+                f"{ratio:.2f}x" if ratio is not None else "-",
+                _num(res["server_cpu_pct"], ".0f") + "%",
+                _num(res["client_cpu_pct"], ".0f") + "%",
+                _num(setup, ".1f"),
+                _event_notes(res),
+            ]
+        )
+    return markdown_table(header, cells)
+
+
+def micro_table(rows: list[MicroRow]) -> str:
+    header = ["subscriptions", "matched", "µs per match", "vs smallest"]
+    base = rows[0].us_per_match if rows else 0.0
+    cells = [
+        [
+            f"{row.subscriptions:,}",
+            str(row.matched),
+            _num(row.us_per_match, ".2f"),
+            f"{base / row.us_per_match:.2f}x" if row.us_per_match else "-",
+        ]
+        for row in rows
+    ]
+    return markdown_table(header, cells)
+
+
+def _event_notes(res: dict[str, Any]) -> str:
+    notes = []
+    idle, steal = res.get("server_core_idle_pct"), res.get("steal_pct")
+    if idle is not None and idle > _IDLE_NOTE_PCT:
+        notes.append(f"server core {idle:.0f}% idle")
+    if steal is not None and steal > _STEAL_NOTE_PCT:
+        notes.append(f"VM steal {steal:.0f}%")
+    if res["client_cpu_pct"] >= _CLIENT_BUSY_PCT:
+        notes.append("client busy")
+    if res["error_answers"]:
+        notes.append(f"{res['error_answers']} error answers")
+    if res["unexpected_events"]:
+        notes.append(f"{res['unexpected_events']:+d} events vs expected")
     if res["server_requests"]:
         notes.append(f"{res['server_requests']} server requests answered")
     if res["disconnected"]:

@@ -1,6 +1,8 @@
-"""nkservice benchmark: request round trips and memory per session, against bare echo servers.
+"""nkservice benchmark: request round trips, memory per session, event fan-out and
+subscription matching, against bare servers built on the same libraries.
 
-    .venv/bin/python bench/run.py [--quick] [--only roundtrip|memory] [--server NAME ...]
+    .venv/bin/python bench/run.py [--quick] [--only roundtrip|memory|fanout|matching]
+                                  [--server NAME ...]
 
 Every server runs in its own process and the load generator in another, each pinned to its
 own core; this process only orchestrates. Results are printed as Markdown tables; server and
@@ -20,6 +22,8 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+import fanout
+import matching
 import memory
 import orjson
 import psutil
@@ -27,15 +31,28 @@ import report
 import roundtrip
 from harness import RunContext
 from oslimits import cpu_plan, raise_nofile_limit
-from servers import ALL_SERVERS, NKSERVICE, PICOWS_ECHO, WEBSOCKETS_ECHO, ServerSpec
+from servers import (
+    ALL_SERVERS,
+    NKSERVICE,
+    PICOWS_ECHO,
+    PICOWS_FANOUT,
+    WEBSOCKETS_ECHO,
+    ServerSpec,
+)
 
-SECTIONS = ("roundtrip", "memory")
+SECTIONS = ("roundtrip", "memory", "fanout", "matching")
 FULL_TIMING = roundtrip.Timing(warmup=1.0, duration=4.0, rounds=5)
 QUICK_TIMING = roundtrip.Timing(warmup=0.5, duration=1.5, rounds=1)
 FULL_COUNTS = [1000, 10000]
 QUICK_COUNTS = [1000]
 # The memory section is about WebSocket sessions; the tcp echo has no place there.
 MEMORY_SERVERS = (PICOWS_ECHO, WEBSOCKETS_ECHO, NKSERVICE)
+FANOUT_SERVERS = (PICOWS_FANOUT, NKSERVICE)  # the ceiling first in each round
+FULL_FANOUT = fanout.FanoutTiming(rounds=3, publishes=20, warmup=2, pipelined_deliveries=100_000)
+QUICK_FANOUT = fanout.FanoutTiming(rounds=1, publishes=10, warmup=2, pipelined_deliveries=50_000)
+MATCHING_COUNTS = [1_000, 100_000]
+FULL_MATCHING = matching.MatchingTiming(rounds=3, warmup=1.0, duration=3.0, window=32)
+QUICK_MATCHING = matching.MatchingTiming(rounds=1, warmup=0.5, duration=1.5, window=32)
 _LOG_PROBLEM = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b|Exception")
 
 
@@ -48,7 +65,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--server",
         action="append",
-        choices=[spec.name for spec in ALL_SERVERS],
+        choices=[spec.name for spec in (*ALL_SERVERS, PICOWS_FANOUT)],
         help="run only these servers (repeatable); ratios need the echo servers",
     )
     return parser.parse_args()
@@ -112,17 +129,69 @@ def _log_problems(log_dir: Path) -> list[str]:
     return found
 
 
+def _fanout_section(
+    ctx: RunContext, chosen: list[ServerSpec], *, quick: bool
+) -> list[fanout.FanoutRow]:
+    servers = [s for s in FANOUT_SERVERS if s in chosen]
+    counts = QUICK_COUNTS if quick else FULL_COUNTS
+    timing = QUICK_FANOUT if quick else FULL_FANOUT
+    title = (
+        f"median of {timing.rounds} interleaved rounds; vs ceiling: vs {PICOWS_FANOUT.name}"
+        " in the same round"
+    )
+    print(f"## Event fan-out to N WebSocket subscribers ({title})\n", flush=True)
+    rows = fanout.run(ctx, servers, counts, timing)
+    print(report.fanout_table(rows), flush=True)
+    _print_failures(
+        [
+            (f"{r.server.name} fanout {r.receivers} {r.scenario}", r.failure)
+            for r in rows
+            if r.failure
+        ]
+    )
+    print()
+    return rows
+
+
+def _matching_section(
+    ctx: RunContext, *, quick: bool
+) -> tuple[list[matching.MatchingRow], list[matching.MicroRow]]:
+    timing = QUICK_MATCHING if quick else FULL_MATCHING
+    title = (
+        f"nkservice, median of {timing.rounds} interleaved rounds,"
+        f" each {timing.warmup:g} s warm-up + {timing.duration:g} s measured,"
+        f" {timing.window} publishes in flight"
+    )
+    print(f"## Subscription matching: publishes/s by number of subscriptions ({title})\n")
+    rows = matching.run(ctx, MATCHING_COUNTS, timing)
+    print(report.matching_table(rows), flush=True)
+    _print_failures(
+        [(f"nkservice matching {r.subscriptions}", r.failure) for r in rows if r.failure]
+    )
+    print("\n`SubscriptionIndex.match` alone, in the orchestrator process (not pinned),")
+    print("same subscriptions, best of 5 runs:\n")
+    micro_rows = matching.micro(MATCHING_COUNTS)
+    print(report.micro_table(micro_rows), flush=True)
+    print()
+    return rows, micro_rows
+
+
 def main() -> int:
     args = _parse_args()
     nofile = raise_nofile_limit()  # inherited by the servers and the load generator
     server_cpus, load_cpus = cpu_plan()
     ctx = RunContext(Path(tempfile.mkdtemp(prefix="nkservice-bench-")), server_cpus, load_cpus)
-    chosen: list[ServerSpec] = [s for s in ALL_SERVERS if not args.server or s.name in args.server]
+    chosen: list[ServerSpec] = [
+        s for s in (*ALL_SERVERS, PICOWS_FANOUT) if not args.server or s.name in args.server
+    ]
     sections = [args.only] if args.only else list(SECTIONS)
     _print_header(ctx, nofile)
     failed = False
     rows: list[roundtrip.RoundtripRow] = []
     mem_rows: list[memory.MemoryRow] = []
+    fan_rows: list[fanout.FanoutRow] = []
+    match_rows: list[matching.MatchingRow] = []
+    micro_rows: list[matching.MicroRow] = []
 
     if "roundtrip" in sections:
         timing = QUICK_TIMING if args.quick else FULL_TIMING
@@ -131,7 +200,7 @@ def main() -> int:
             f" each {timing.warmup:g} s warm-up + {timing.duration:g} s measured"
         )
         print(f"## Request round trips ({title})\n", flush=True)
-        rows = roundtrip.run(ctx, chosen, timing)
+        rows = roundtrip.run(ctx, [s for s in chosen if s in ALL_SERVERS], timing)
         print(report.roundtrip_table(rows), flush=True)
         failures = [
             (f"{r.server.name} {r.transport} {r.scenario.name}", r.failure)
@@ -156,10 +225,23 @@ def main() -> int:
         failed |= bool(mem_failures)
         print()
 
+    if "fanout" in sections:
+        fan_rows = _fanout_section(ctx, chosen, quick=args.quick)
+        failed |= any(r.failure for r in fan_rows)
+
+    if "matching" in sections and NKSERVICE in chosen:
+        match_rows, micro_rows = _matching_section(ctx, quick=args.quick)
+        failed |= any(r.failure for r in match_rows)
+
     # Every sample of every round, for a closer look than the medians in the tables.
-    (ctx.log_dir / "results.json").write_bytes(
-        orjson.dumps({"roundtrip": rows, "memory": mem_rows}, option=orjson.OPT_INDENT_2)
-    )
+    results = {
+        "roundtrip": rows,
+        "memory": mem_rows,
+        "fanout": fan_rows,
+        "matching": match_rows,
+        "match_micro": micro_rows,
+    }
+    (ctx.log_dir / "results.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     problems = _log_problems(ctx.log_dir)
     if problems:
         print("## Errors found in logs\n")

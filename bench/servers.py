@@ -42,7 +42,14 @@ PICOWS_ECHO = ServerSpec("picows-echo", ("ws",))
 WEBSOCKETS_ECHO = ServerSpec("websockets-echo", ("ws",))
 NKSERVICE = ServerSpec("nkservice", ("tcp", "ws"))
 ALL_SERVERS = (TCP_ECHO, PICOWS_ECHO, WEBSOCKETS_ECHO, NKSERVICE)
-_ECHO_KIND = {TCP_ECHO: "tcp", PICOWS_ECHO: "picows", WEBSOCKETS_ECHO: "websockets"}
+# The ceiling of the event fan-out (not an echo server: only the fan-out section runs it).
+PICOWS_FANOUT = ServerSpec("picows-fanout", ("ws",))
+_ECHO_KIND = {
+    TCP_ECHO: "tcp",
+    PICOWS_ECHO: "picows",
+    WEBSOCKETS_ECHO: "websockets",
+    PICOWS_FANOUT: "fanout",
+}
 
 
 def free_port() -> int:
