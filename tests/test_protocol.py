@@ -285,6 +285,20 @@ async def test_websocket_pings_get_pongs_between_messages(
                                                       {"result": "ok", "tid": 2}]
 
 
+async def test_fragmented_websocket_messages(
+        make_node: NodeFactory, connect: PeerFactory, transport: str) -> None:
+    if transport in ("tcp", "tls"):
+        pytest.skip("a WebSocket rule")
+    node = await make_node(demo={"max_message_size": 100})
+    peer = await connect(node, "demo", transport)
+    await peer.send_fragments(['{"class":"core",', '"cmd":"ping",', '"tid":"frag"}'])
+    assert await peer.recv() == {"result": "ok", "tid": "frag"}
+    await peer.send_fragments(['{"class":"core","cmd":"ping","tid":1,"data":"', "x" * 60,
+                               "y" * 60, '"}'])
+    assert error_code(await peer.recv()) == 100077
+    await peer.wait_closed()
+
+
 async def test_many_messages_in_one_read_are_all_answered_in_order(
         make_node: NodeFactory, connect: PeerFactory, transport: str) -> None:
     node = await make_node(demo={})

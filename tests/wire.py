@@ -110,6 +110,11 @@ class Peer:
         data: dict[str, Any] = response["data"]
         return data
 
+    async def send_fragments(self, parts: list[str]) -> None:
+        """One WebSocket text message split over several frames."""
+        assert self._ws is not None
+        await self._ws.send(iter(parts))
+
     async def websocket_ping(self) -> None:
         """A WebSocket-level ping; returns when its pong arrives."""
         assert self._ws is not None

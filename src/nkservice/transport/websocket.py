@@ -102,25 +102,27 @@ class MessageListener(WSListener):
             self._conn.receive(payload)
 
     def _first_fragment(self, payload: bytes, is_text: bool) -> None:
+        assert self._conn is not None
         if self._fragments is None:
             self._fragments = FragmentAssembler(self._max_size)
-        self._add_fragment(lambda fragments: fragments.start(payload, is_text))
+        try:
+            self._fragments.start(payload, is_text)
+        except MessageTooLarge:
+            self._conn.message_too_large()
 
     def _next_fragment(self, payload: bytes, fin: bool) -> None:
+        assert self._conn is not None
         fragments = self._fragments
         if fragments is None or not fragments.in_progress:
             self._close_transport(WSCloseCode.PROTOCOL_ERROR, "unexpected continuation frame")
             return
-        self._add_fragment(lambda fragments: fragments.add(payload))
-        if fin:
-            self._message(fragments.finish(), fragments.is_text)
-
-    def _add_fragment(self, add: Callable[[FragmentAssembler], None]) -> None:
-        assert self._fragments is not None and self._conn is not None
         try:
-            add(self._fragments)
+            fragments.add(payload)
         except MessageTooLarge:
             self._conn.message_too_large()
+            return
+        if fin:
+            self._message(fragments.finish(), fragments.is_text)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self._wakeups is not None:
