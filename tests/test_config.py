@@ -14,7 +14,7 @@ from nkservice.service.permissions import Role, allowed, pattern_matches
 
 def test_embedded_default() -> None:
     config = load_config(None)
-    assert config.is_embedded_default and config.uses_default_password
+    assert config.uses_default_password
     assert [str(url) for url in config.core.listen] == ["ws://127.0.0.1:9010/",
                                                          "tcp://127.0.0.1:9010"]
     assert config.core.limits.request_timeout == 5.0

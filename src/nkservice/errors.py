@@ -83,7 +83,3 @@ class ApiError(Exception):
 
     def to_wire(self) -> dict[str, Any]:
         return {"code": self.code, "error": self.text}
-
-    @property
-    def name(self) -> str:
-        return self.error.name if self.error.code == self.code else str(self.code)

@@ -239,10 +239,6 @@ class Connection:
         self._want_wake(deadline)
         return tid
 
-    @property
-    def awaiting_answers(self) -> int:
-        return len(self._sent)
-
     # -- time --------------------------------------------------------------------------------
 
     def logged_in(self) -> None:

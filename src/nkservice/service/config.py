@@ -98,7 +98,6 @@ class NodeConfig:
     data_dir: Path = Path(".nkservice")
     workers: int = 1
     cluster: str = ""
-    is_embedded_default: bool = False
 
     @property
     def uses_default_password(self) -> bool:
@@ -107,7 +106,7 @@ class NodeConfig:
 
 def load_config(path: Path | None) -> NodeConfig:
     if path is None:
-        return parse_node_config({}, Path.cwd(), is_embedded_default=True)
+        return parse_node_config({}, Path.cwd())
     try:
         table = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
@@ -115,8 +114,7 @@ def load_config(path: Path | None) -> NodeConfig:
     return parse_node_config(table, path.parent)
 
 
-def parse_node_config(table: dict[str, Any], base_dir: Path, *,
-                      is_embedded_default: bool = False) -> NodeConfig:
+def parse_node_config(table: dict[str, Any], base_dir: Path) -> NodeConfig:
     _known(table, "", {"node", "admin", "core", "services"})
     node = _table(table, "node")
     _known(node, "node.", {"data_dir", "workers", "cluster"})
@@ -139,7 +137,6 @@ def parse_node_config(table: dict[str, Any], base_dir: Path, *,
         data_dir=data_dir if data_dir.is_absolute() else base_dir / data_dir,
         workers=_get(node, "node.workers", int, 1),
         cluster=_get(node, "node.cluster", str, ""),
-        is_embedded_default=is_embedded_default,
     )
 
 
