@@ -1,7 +1,7 @@
 """nkservice benchmark: request round trips, memory per session, event fan-out and
 subscription matching, against bare servers built on the same libraries.
 
-    .venv/bin/python bench/run.py [--quick] [--only roundtrip|memory|fanout|matching]
+    .venv/bin/python bench/run.py [--quick] [--only roundtrip|memory|fanout|matching ...]
                                   [--server NAME ...]
 
 Every server runs in its own process and the load generator in another, each pinned to its
@@ -48,10 +48,10 @@ QUICK_COUNTS = [1000]
 # The memory section is about WebSocket sessions; the tcp echo has no place there.
 MEMORY_SERVERS = (PICOWS_ECHO, WEBSOCKETS_ECHO, NKSERVICE)
 FANOUT_SERVERS = (PICOWS_FANOUT, NKSERVICE)  # the ceiling first in each round
-FULL_FANOUT = fanout.FanoutTiming(rounds=3, publishes=20, warmup=2, pipelined_deliveries=100_000)
+FULL_FANOUT = fanout.FanoutTiming(rounds=5, publishes=20, warmup=2, pipelined_deliveries=100_000)
 QUICK_FANOUT = fanout.FanoutTiming(rounds=1, publishes=10, warmup=2, pipelined_deliveries=50_000)
 MATCHING_COUNTS = [1_000, 100_000]
-FULL_MATCHING = matching.MatchingTiming(rounds=3, warmup=1.0, duration=3.0, window=32)
+FULL_MATCHING = matching.MatchingTiming(rounds=5, warmup=1.0, duration=3.0, window=32)
 QUICK_MATCHING = matching.MatchingTiming(rounds=1, warmup=0.5, duration=1.5, window=32)
 _LOG_PROBLEM = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b|Exception")
 
@@ -61,7 +61,9 @@ def _parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="short smoke run (under a minute)")
-    parser.add_argument("--only", choices=SECTIONS, help="run one section")
+    parser.add_argument(
+        "--only", action="append", choices=SECTIONS, help="run this section (repeatable)"
+    )
     parser.add_argument(
         "--server",
         action="append",
@@ -169,7 +171,7 @@ def _matching_section(
         [(f"nkservice matching {r.subscriptions}", r.failure) for r in rows if r.failure]
     )
     print("\n`SubscriptionIndex.match` alone, in the orchestrator process (not pinned),")
-    print("same subscriptions, best of 5 runs:\n")
+    print("same subscriptions, best of 20 timings of 0.1 s, the counts taking turns:\n")
     micro_rows = matching.micro(MATCHING_COUNTS)
     print(report.micro_table(micro_rows), flush=True)
     print()
@@ -184,7 +186,7 @@ def main() -> int:
     chosen: list[ServerSpec] = [
         s for s in (*ALL_SERVERS, PICOWS_FANOUT) if not args.server or s.name in args.server
     ]
-    sections = [args.only] if args.only else list(SECTIONS)
+    sections = args.only or list(SECTIONS)
     _print_header(ctx, nofile)
     failed = False
     rows: list[roundtrip.RoundtripRow] = []

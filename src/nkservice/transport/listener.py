@@ -68,7 +68,7 @@ def _replay(protocol: asyncio.BaseProtocol, data: bytes) -> None:
 
 async def listen(accept: Accept, host: str, port: int, *, lines: bool, websocket_paths:
                  Collection[str], tls: ssl.SSLContext | None, max_message_size: int,
-                 login_timeout: float, reuse_port: bool = False) -> asyncio.Server:
+                 login_timeout: float) -> asyncio.Server:
     """Listen on host:port for newline JSON (`lines`), WebSocket (`websocket_paths`), or both."""
     secure = tls is not None
     lines_scheme, websocket_scheme = ("tls", "wss") if secure else ("tcp", "ws")
@@ -89,5 +89,4 @@ async def listen(accept: Accept, host: str, port: int, *, lines: bool, websocket
     else:
         factory = make_lines
     loop = asyncio.get_running_loop()
-    return await loop.create_server(factory, host, port, ssl=tls, reuse_port=reuse_port or None,
-                                    backlog=4096)
+    return await loop.create_server(factory, host, port, ssl=tls, backlog=4096)
