@@ -268,3 +268,40 @@ def test_request_data_is_omitted_only_when_empty(data: Any) -> None:
     else:
         assert sent["data"] == data
     assert sent["subclass"] == "s"
+
+
+def test_events_are_answered_fast_or_slow_and_acked() -> None:
+    rig = Rig(request_timeout=5, ack_timeout=60, ping_interval=0, max_queue=3)
+    rig.conn.logged_in()
+    for _ in range(3):
+        rig.conn.send_event(b'{"class":"media"}')
+    assert [m["tid"] for m in rig.wire.take()] == [1, 2, 3]
+    rig.feed(b'{"result":"ok","tid":1}')  # the exact bytes: no JSON parsing
+    rig.feed({"result": "error", "tid": 2, "data": {"code": 1, "error": "no handler"}})
+    rig.feed({"ack": 3})
+    rig.clock.now = 106.0  # past the plain deadline: event 3 was acked
+    rig.conn.on_timer()
+    assert rig.wire.closed_because is None
+    rig.feed(b'{"result": "ok", "tid": 3}')  # spaced: the general path
+    rig.feed(b'{"result":"ok","tid":007}')  # not JSON: not taken for tid 7
+    assert rig.wire.take()[0]["data"]["code"] == 100072
+    for _ in range(3):
+        rig.conn.send_event(b'{"class":"media"}')
+    assert rig.wire.closed_because is None
+    rig.conn.send_event(b'{"class":"media"}')  # a fourth unanswered: a slow consumer
+    assert rig.wire.closed_because == "slow consumer"
+
+
+def test_an_unanswered_event_closes() -> None:
+    rig = Rig(request_timeout=5, ping_interval=0)
+    rig.conn.logged_in()
+    rig.conn.send_event(b'{"class":"media"}')
+    rig.advance_to_wake()
+    assert rig.wire.closed_because == "request timeout"
+
+
+def test_a_full_socket_makes_a_slow_consumer() -> None:
+    rig = Rig(max_queue_bytes=1000)
+    rig.wire.unsent = 1001
+    rig.conn.send_event(b'{"class":"media"}')
+    assert rig.wire.closed_because == "slow consumer"

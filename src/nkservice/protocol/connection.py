@@ -6,7 +6,9 @@ to its `RequestHandler`. It owns what the protocol itself fixes:
 
 - the two pending tables: client requests the server still has to answer (a count, for
   `max_pending_requests`) and server requests waiting for the client's answer, keyed by the
-  server's own integer tids, so a client tid can never collide with a server tid;
+  server's own integer tids, so a client tid can never collide with a server tid. Events,
+  the bulk of server requests, are kept apart as bare deadlines: a fan-out to 10,000
+  sessions would otherwise leave 10,000 objects for the garbage collector to walk;
 - deadlines: `request_timeout` for each server request, moved to `ack_timeout` by every ack,
   the login deadline, and the ping timer after login. A missed deadline closes the
   connection. There is one wake-up time per connection, not a timer per request: adding a
@@ -91,6 +93,11 @@ class RequestHandler(Protocol):
         """The connection is gone, whichever side ended it."""
 
 
+_OK_PREFIX = b'{"result":"ok","tid":'
+_OK_END = len(_OK_PREFIX)
+_OK_MAX = _OK_END + 20  # room for any tid the server hands out
+
+
 class _Sent:
     __slots__ = ("deadline", "waiter")
 
@@ -104,6 +111,7 @@ class Connection:
         "_bad_messages",
         "_clock",
         "_end_error",
+        "_events",
         "_login_deadline",
         "_next_ping",
         "_next_tid",
@@ -125,6 +133,7 @@ class Connection:
         self._clock = clock
         self._next_tid = 1
         self._sent: dict[int, _Sent] = {}
+        self._events: dict[int, float] = {}  # tid → deadline of each event not yet answered
         self._unanswered = 0
         self._bad_messages = 0
         self._next_ping: float | None = None
@@ -142,6 +151,12 @@ class Connection:
         if len(raw) > self.limits.max_message_size:
             self.message_too_large()
             return
+        if len(raw) < _OK_MAX and raw.startswith(_OK_PREFIX) and raw.endswith(b"}"):
+            # {"result":"ok","tid":N}, the answer to each event delivered: no JSON parsing.
+            digits = raw[_OK_END:-1]
+            if digits.isdigit() and (digits[0] != 0x30 or len(digits) == 1):  # JSON: no 007
+                self._answered_ok(int(digits))
+                return
         try:
             message = decode(raw)
         except BadMessage as bad:
@@ -154,22 +169,39 @@ class Connection:
             self._unanswered += 1
             self.handler.on_request(message)
         elif type(message) is Response:
-            sent = self._sent.pop(message.tid, None) if type(message.tid) is int else None
+            tid = message.tid
+            if type(tid) is int and self._events.pop(tid, None) is not None:
+                if not message.ok:  # some clients answer events they do not handle so
+                    log.debug("error answer to event %d: %r", tid, message.data)
+                return
+            sent = self._sent.pop(tid, None) if type(tid) is int else None
             if sent is None:
-                log.debug("ignoring a response to unknown tid %r", message.tid)
+                log.debug("ignoring a response to unknown tid %r", tid)
             elif sent.waiter is not None:
                 sent.waiter.answered(message)
-            elif not message.ok:  # some clients answer events they do not handle so
-                log.debug("error answer to server request %d: %r", message.tid, message.data)
         else:
             assert type(message) is Ack
-            sent = self._sent.get(message.tid) if type(message.tid) is int else None
-            if sent is None:
-                log.debug("ignoring an ack of unknown tid %r", message.tid)
+            tid = message.tid
+            deadline = self._clock() + self.limits.ack_timeout
+            if type(tid) is int and tid in self._events:
+                self._events[tid] = deadline
                 return
-            sent.deadline = self._clock() + self.limits.ack_timeout
+            sent = self._sent.get(tid) if type(tid) is int else None
+            if sent is None:
+                log.debug("ignoring an ack of unknown tid %r", tid)
+                return
+            sent.deadline = deadline
             if sent.waiter is not None:
                 sent.waiter.acked()
+
+    def _answered_ok(self, tid: int) -> None:
+        if self._events.pop(tid, None) is not None:
+            return
+        sent = self._sent.pop(tid, None)
+        if sent is None:
+            log.debug("ignoring a response to unknown tid %r", tid)
+        elif sent.waiter is not None:
+            sent.waiter.answered(Response(tid, True))
 
     def message_too_large(self) -> None:
         """The transport saw a message over the limit: answer, then close (§1.4)."""
@@ -222,12 +254,16 @@ class Connection:
         if self.closed:
             return
         limits = self.limits
-        if len(self._sent) >= limits.max_queue or self._wire.backlog() > limits.max_queue_bytes:
+        if len(self._events) >= limits.max_queue or self._wire.backlog() > limits.max_queue_bytes:
             log.info("closing a slow consumer: %d events unanswered, %d bytes unsent",
-                     len(self._sent), self._wire.backlog())
+                     len(self._events), self._wire.backlog())
             self.close("slow consumer")
             return
-        tid = self._expect_answer(None)
+        tid = self._next_tid
+        self._next_tid += 1
+        deadline = self._clock() + limits.request_timeout
+        self._events[tid] = deadline
+        self._want_wake(deadline)
         self._wire.send(b'{"class":"core","cmd":"event","tid":%d,"data":%b}' % (tid, data))
 
     def _expect_answer(self, waiter: Waiter | None) -> int:
@@ -261,15 +297,17 @@ class Connection:
             interval = self.limits.ping_interval
             self._next_ping = now + interval
             self.send_request("core", "ping", {"time": interval})
-        earliest = self._login_deadline or self._next_ping
-        for sent in self._sent.values():
-            if sent.deadline <= now:
-                self.close("request timeout", waiters_get=ErrorCode.timeout)
-                return
-            if earliest is None or sent.deadline < earliest:
-                earliest = sent.deadline
-        if earliest is not None:
-            self._want_wake(earliest)
+        deadlines = [sent.deadline for sent in self._sent.values()]
+        if self._events:
+            deadlines.append(min(self._events.values()))
+        if deadlines and min(deadlines) <= now:
+            self.close("request timeout", waiters_get=ErrorCode.timeout)
+            return
+        for when in (self._login_deadline, self._next_ping):
+            if when is not None:
+                deadlines.append(when)
+        if deadlines:
+            self._want_wake(min(deadlines))
 
     def _want_wake(self, when: float) -> None:
         if self._wake is None or when < self._wake:

@@ -14,7 +14,8 @@ class LineProtocol(asyncio.Protocol):
     """Newline framing. The answers to everything one read brought are written together,
     in one system call, instead of one call per answer (pipelining clients send many)."""
 
-    __slots__ = ("_accept", "_batch", "_conn", "_framer", "_scheme", "_transport", "_wakeups")
+    __slots__ = ("_accept", "_batch", "_conn", "_framer", "_paused", "_scheme", "_transport",
+                 "_wakeups")
 
     def __init__(self, accept: Accept, scheme: str) -> None:
         self._accept = accept
@@ -24,6 +25,7 @@ class LineProtocol(asyncio.Protocol):
         self._framer: LineFramer | None = None
         self._wakeups: WakeUps | None = None
         self._batch: list[bytes] | None = None  # a list while a read is being handled
+        self._paused = False  # the socket's send buffer is over its high-water mark
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
@@ -80,8 +82,17 @@ class LineProtocol(asyncio.Protocol):
         self._transport.close()
 
     def backlog(self) -> int:
+        # Asked for at every event sent: only look once the transport has said it is full.
+        if not self._paused:
+            return 0
         assert self._transport is not None
         return self._transport.get_write_buffer_size()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
 
     def wake_at(self, when: float) -> None:
         assert self._wakeups is not None

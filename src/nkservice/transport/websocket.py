@@ -43,8 +43,8 @@ def text_frame_header(size: int) -> bytes:
 
 
 class MessageListener(WSListener):
-    __slots__ = ("_accept", "_batch", "_conn", "_fragments", "_max_size", "_scheme",
-                 "_wakeups", "_ws")
+    __slots__ = ("_accept", "_batch", "_conn", "_fragments", "_max_size", "_paused",
+                 "_scheme", "_wakeups", "_ws")
 
     def __init__(self, accept: Accept, scheme: str) -> None:
         super().__init__()
@@ -55,6 +55,7 @@ class MessageListener(WSListener):
         self._wakeups: WakeUps | None = None
         self._fragments: FragmentAssembler | None = None  # made for the first fragmented message
         self._max_size = 0
+        self._paused = False  # the socket's send buffer is over its high-water mark
         self._batch: list[bytes] | None = None  # a list while the frames of a read are handled
 
     def on_ws_connected(self, transport: WSTransport) -> None:
@@ -154,9 +155,18 @@ class MessageListener(WSListener):
         self._close_transport(WSCloseCode.OK, reason)
 
     def backlog(self) -> int:
+        # Asked for at every event sent: only look once the transport has said it is full.
+        if not self._paused:
+            return 0
         assert self._ws is not None
         size: int = self._ws.underlying_transport.get_write_buffer_size()
         return size
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
 
     def wake_at(self, when: float) -> None:
         assert self._wakeups is not None
