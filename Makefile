@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test test-slow bench clean
+.PHONY: run test bench clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,9 +22,6 @@ test: $(INSTALLED)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy --strict src
 	$(BIN)/pytest -q
-
-test-slow: $(INSTALLED)
-	$(BIN)/pytest -q -m slow
 
 bench: $(INSTALLED)
 	$(BIN)/python bench/run.py
