@@ -510,3 +510,16 @@ async def test_resume_is_off_by_default(make_node: NodeFactory, connect: PeerFac
     assert node.services["demo"].parked == {}
     again = await connect(node, "demo", transport)
     assert "resumed" not in await again.login("alice", "pw1", session_id="phone")
+
+
+async def test_a_session_stopped_by_an_admin_does_not_resume(
+        make_node: NodeFactory, connect: PeerFactory, transport: str) -> None:
+    node = await make_node(demo={"resume_window": 30})
+    admin, _ = await user(connect, node, transport, "demo-admin", "pw")
+    alice, alice_id = await user(connect, node, transport, "alice", "pw1", session_id="pc")
+    await ok(alice, "subscribe", {"class": "media"})
+    await ok(admin, "stop_session", {"session_id": alice_id})
+    await alice.wait_closed()
+    assert node.services["demo"].parked == {}
+    again = await connect(node, "demo", transport)
+    assert "resumed" not in await again.login("alice", "pw1", session_id="pc")

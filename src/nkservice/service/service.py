@@ -45,7 +45,6 @@ class Service:
         self.users: dict[str, dict[str, Session]] = {}
         self.connections: set[Session] = set()  # logged in or not, for shutdown
         self.parked: dict[str, ParkedSession] = {}
-        self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     def accept(self, wire: Wire, clock: Callable[[], float], transport: str, host: str,
@@ -67,7 +66,6 @@ class Service:
                 raise ApiError(ErrorCode.duplicated_session_id)
             inherited = list(holder.subscriptions.values())
             holder.stop("replaced by a new login with the same session id")
-            self._unpark(session_id)  # stopping it may have parked it
             return Claim(inherited)
         parked = self._unpark(session_id)
         if parked is None or parked.user != user:
@@ -75,9 +73,10 @@ class Service:
         return Claim(list(parked.subscriptions.values()), list(parked.buffer), resumed=True)
 
     def session_ended(self, session: Session) -> None:
-        """A logged-in session closed: park it for resuming, or drop its subscriptions."""
+        """A logged-in session closed: park it for resuming (when its connection ended it,
+        not the server: a stop, a replacement, a shutdown), or drop its subscriptions."""
         window = self.config.resume_window
-        if window <= 0 or self._stopping:
+        if window <= 0 or session.stopped:
             self.events.drop(session)
             return
         parked = ParkedSession(session, self.config.resume_buffer)
@@ -143,7 +142,6 @@ class Service:
         task.add_done_callback(self._tasks.discard)
 
     def stop(self, reason: str) -> None:
-        self._stopping = True
         for session in list(self.connections):
             session.stop(reason)
         for session_id in list(self.parked):

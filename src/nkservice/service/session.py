@@ -51,6 +51,7 @@ class Session:
         "seed_form",
         "service",
         "session_id",
+        "stopped",
         "subscriptions",
         "transport",
         "user",
@@ -67,6 +68,7 @@ class Session:
         self.role = Role.user
         self.login_time = 0
         self.seed_form = False
+        self.stopped = False  # ended by the server (not resumable), not by its connection
         self._failures = 0
         self._backlog: deque[Request] | None = None  # not None while a login is decided
         self.subscriptions: dict[Topic, Subscription] = {}
@@ -81,6 +83,7 @@ class Session:
                 "login_time": self.login_time}
 
     def stop(self, reason: str) -> None:
+        self.stopped = True
         self.conn.close(reason)
 
     # -- RequestHandler ------------------------------------------------------------------
