@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nkservice.errors import ApiError, ErrorCode
 from nkservice.protocol.connection import Connection, Limits
@@ -305,3 +307,41 @@ def test_a_full_socket_makes_a_slow_consumer() -> None:
     rig.wire.unsent = 1001
     rig.conn.send_event(b'{"class":"media"}')
     assert rig.wire.closed_because == "slow consumer"
+
+
+message_bytes = st.one_of(
+    st.binary(max_size=60),
+    st.sampled_from([
+        b'{"class":"core","cmd":"ping","tid":1}', b'{"result":"ok","tid":1}',
+        b'{"result":"ok","tid":2}', b'{"result":"error","tid":3,"data":{"code":1}}',
+        b'{"ack":1}', b'{"ack":"x"}', b"[]", b"{}", b'{"class":1,"cmd":"x","tid":2}',
+    ]),
+)
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(message_bytes, st.floats(0, 3), st.booleans()), max_size=40))
+def test_any_input_and_timing_keeps_the_state_machine_sound(
+        steps: list[tuple[bytes, float, bool]]) -> None:
+    """Random input, clock jumps and server requests: nothing raises, every request is
+    answered or the connection is closed, and a closed connection stays silent."""
+    rig = Rig(request_timeout=1, ack_timeout=2, ping_interval=0.5, login_timeout=5,
+              max_bad_messages=5, max_pending_requests=3, max_queue=4)
+    rig.conn.logged_in()
+    for raw, elapsed, send_event in steps:
+        rig.feed(raw)
+        for request in rig.handler.requests:
+            rig.conn.reply(request.tid)
+        rig.handler.requests.clear()
+        if send_event:
+            rig.conn.send_event(b'{"class":"x"}')
+        rig.clock.now += elapsed
+        if rig.wire.wake is not None and rig.wire.wake <= rig.clock.now:
+            rig.wire.wake = None
+            rig.conn.on_timer()
+        if rig.conn.closed:
+            rig.wire.take()
+            rig.feed(b'{"class":"core","cmd":"ping","tid":9}')
+            assert rig.wire.take() == [] and rig.handler.requests == []
+            return
+    assert rig.wire.closed_because is None
