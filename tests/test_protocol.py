@@ -182,10 +182,10 @@ async def test_login_deadline_closes_the_connection(
 
 async def test_answered_pings_keep_the_session(make_node: NodeFactory, connect: PeerFactory,
                                                transport: str) -> None:
-    node = await make_node(demo={"ping_interval": 0.1, "request_timeout": 0.3})
+    node = await make_node(demo={"ping_interval": 0.1, "request_timeout": 0.5})
     peer = await logged_in(connect, node, transport, "alice", "pw1")
     tids = []
-    for _ in range(5):  # five intervals: well past the 0.3 s deadline
+    for _ in range(8):  # eight intervals: well past the 0.5 s deadline
         ping = await peer.recv()
         assert ping["class"] == "core" and ping["cmd"] == "ping"
         assert ping["data"] == {"time": 0.1}
@@ -205,7 +205,7 @@ async def test_unanswered_ping_closes_the_connection(
 
 async def test_ack_moves_the_deadline_and_a_late_answer_arrives(
         make_node: NodeFactory, connect: PeerFactory, transport: str) -> None:
-    node = await make_node(demo={"request_timeout": 0.2, "ack_timeout": 5})
+    node = await make_node(demo={"request_timeout": 0.4, "ack_timeout": 5})
     target = await connect(node, "demo", transport)
     target_id = (await target.login("alice", "pw1"))["session_id"]
     caller = await logged_in(connect, node, transport, "demo-admin", "pw")
@@ -214,7 +214,7 @@ async def test_ack_moves_the_deadline_and_a_late_answer_arrives(
     forwarded = await target.recv()
     await target.send({"ack": forwarded["tid"]})
     assert await caller.recv() == {"ack": "c1"}  # the ack is passed on to the caller
-    await asyncio.sleep(0.4)  # the slow work: twice the plain deadline
+    await asyncio.sleep(0.8)  # the slow work: twice the plain deadline
     await target.send({"result": "ok", "tid": forwarded["tid"], "data": {"done": True}})
     assert await caller.recv() == {"result": "ok", "tid": "c1", "data": {"done": True}}
     assert (await target.request("core", "ping"))["result"] == "ok"
@@ -234,7 +234,7 @@ async def test_no_ack_and_no_answer_closes_the_target(
 
 async def test_ack_then_silence_closes_after_the_ack_timeout(
         make_node: NodeFactory, connect: PeerFactory, transport: str) -> None:
-    node = await make_node(demo={"request_timeout": 0.1, "ack_timeout": 0.3})
+    node = await make_node(demo={"request_timeout": 0.3, "ack_timeout": 0.6})
     target = await connect(node, "demo", transport)
     target_id = (await target.login("alice", "pw1"))["session_id"]
     caller = await logged_in(connect, node, transport, "demo-admin", "pw")
