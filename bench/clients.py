@@ -31,6 +31,15 @@ LOGIN = orjson.dumps(
 )
 
 
+def masked_text_header(size: int) -> bytes:
+    """The header of a client (masked) text frame of `size` bytes, without the key."""
+    if size < 126:
+        return bytes((0x81, 0x80 | size))
+    if size < 1 << 16:
+        return bytes((0x81, 0x80 | 126)) + size.to_bytes(2, "big")
+    return bytes((0x81, 0x80 | 127)) + size.to_bytes(8, "big")
+
+
 class LoginError(Exception):
     pass
 
@@ -186,12 +195,7 @@ class MaskedFrames:
 
     def text(self, payload: bytes) -> bytes:
         size = len(payload)
-        if size < 126:
-            header = bytes((0x81, 0x80 | size))
-        elif size < 1 << 16:
-            header = bytes((0x81, 0x80 | 126)) + size.to_bytes(2, "big")
-        else:
-            header = bytes((0x81, 0x80 | 127)) + size.to_bytes(8, "big")
+        header = masked_text_header(size)
         mask = self._masks.get(size)
         if mask is None:
             mask = self._masks[size] = int.from_bytes((self._key * (size // 4 + 1))[:size], "big")

@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 import picows
+from clients import masked_text_header
 from eventmsgs import LOGIN, LOGIN_TID
 
 HOST = "127.0.0.1"
@@ -40,14 +41,7 @@ _TEXT, _BINARY, _CLOSE = picows.WSMsgType.TEXT, picows.WSMsgType.BINARY, picows.
 
 def masked(payload: bytes) -> bytes:
     """A client text frame carrying `payload`, masked with the zero key."""
-    size = len(payload)
-    if size < 126:
-        header = bytes((0x81, 0x80 | size))
-    elif size < 1 << 16:
-        header = bytes((0x81, 0x80 | 126)) + size.to_bytes(2, "big")
-    else:
-        header = bytes((0x81, 0x80 | 127)) + size.to_bytes(8, "big")
-    return header + b"\x00\x00\x00\x00" + payload
+    return masked_text_header(len(payload)) + b"\x00\x00\x00\x00" + payload
 
 
 class Tally:
