@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness import LoadFailed, LoadSession, RunContext
+from harness import LoadFailed, LoadSession, RunContext, median_sample
 from servers import NKSERVICE, PICOWS_FANOUT, ServerFailed, ServerSpec
 
 REFERENCE = PICOWS_FANOUT
@@ -51,11 +51,7 @@ class FanoutRow:
 
     @property
     def result(self) -> dict[str, Any] | None:
-        """The sample with the median deliveries/s, so that its other figures match it."""
-        if self.failure or not self.samples:
-            return None
-        ordered = sorted(self.samples, key=lambda s: float(s["dps"]))
-        return ordered[(len(ordered) - 1) // 2]
+        return median_sample(self.samples, "dps", self.failure)
 
 
 def run(

@@ -142,3 +142,13 @@ class LoadSession:
         log = self._load.log_path
         if log.exists() and not log.stat().st_size:
             log.unlink()  # keep only the logs that say something
+
+
+def median_sample(samples: list[dict[str, Any]], rate: str, failure: str | None
+                  ) -> dict[str, Any] | None:
+    """The round with the median `rate`, so that the row's other figures come from the same
+    round; None when the row failed or has no round."""
+    if failure or not samples:
+        return None
+    ordered = sorted(samples, key=lambda sample: float(sample[rate]))
+    return ordered[(len(ordered) - 1) // 2]

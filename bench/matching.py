@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from eventmsgs import HIT_EVENT, HIT_TOPIC, MATCH_FILLERS, MATCH_RECEIVERS, filler_topic, split
-from harness import LoadFailed, LoadSession, RunContext
+from harness import LoadFailed, LoadSession, RunContext, median_sample
 from servers import NKSERVICE, ServerFailed
 
 from nkservice.events.index import WILDCARD, SubscriptionIndex, Topic
@@ -47,10 +47,7 @@ class MatchingRow:
 
     @property
     def result(self) -> dict[str, Any] | None:
-        if self.failure or not self.samples:
-            return None
-        ordered = sorted(self.samples, key=lambda s: float(s["pps"]))
-        return ordered[(len(ordered) - 1) // 2]
+        return median_sample(self.samples, "pps", self.failure)
 
 
 @dataclass

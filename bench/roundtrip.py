@@ -13,7 +13,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness import LoadFailed, RunContext
+from harness import LoadFailed, RunContext, median_sample
 from servers import PICOWS_ECHO, TCP_ECHO, ServerFailed, ServerProcess, ServerSpec
 
 # The echo server each transport's figures are divided by.
@@ -50,11 +50,7 @@ class RoundtripRow:
 
     @property
     def result(self) -> dict[str, Any] | None:
-        """The sample with the median req/s, so that its latency and CPU figures match it."""
-        if self.failure or not self.samples:
-            return None
-        ordered = sorted(self.samples, key=lambda s: float(s["rps"]))
-        return ordered[(len(ordered) - 1) // 2]
+        return median_sample(self.samples, "rps", self.failure)
 
 
 def run(ctx: RunContext, servers: list[ServerSpec], timing: Timing) -> list[RoundtripRow]:

@@ -57,27 +57,25 @@ def main(argv: list[str] | None = None) -> int:
         description="Connect to URL, log in (with --user), send CLASS [SUBCLASS] CMD with "
                     "--data, print the answer's data as JSON. Exit 0 on ok; on an error "
                     "answer print it to stderr and exit 1.")
-    call.add_argument("url", help="tcp://HOST:PORT, tls://…, ws://HOST:PORT/PATH or wss://…")
+    _add_connection_options(call)
     call.add_argument("words", nargs="+", metavar="CLASS [SUBCLASS] CMD",
                       help="e.g. `core ping` or `core user list`")
     call.add_argument("--data", default="{}", help="the request's data, as JSON")
     call.add_argument("--user", help="log in as this user first")
     call.add_argument("--password", help="the user's password (asked for if --user is given)")
-    _add_tls_options(call)
 
     listen = commands.add_parser(
         "listen", help="subscribe and print events as JSON lines until interrupted",
         description="Connect to URL, log in, subscribe, and print every event received as "
                     "one JSON line, until Ctrl-C. Reconnects (and subscribes again) when the "
                     "connection drops.")
-    listen.add_argument("url", help="tcp://HOST:PORT, tls://…, ws://HOST:PORT/PATH or wss://…")
+    _add_connection_options(listen)
     listen.add_argument("--subscribe", action="append", default=[], required=True,
                         metavar="CLASS[/SUBCLASS[/TYPE[/OBJ_ID]]]",
                         help="what to receive; `*` or a left-out part matches anything; "
                              "repeat for more")
     listen.add_argument("--user", required=True)
     listen.add_argument("--password", help="asked for when not given")
-    _add_tls_options(listen)
 
     hashing = commands.add_parser("hash-password", help="print a scrypt hash of a password")
     hashing.add_argument("password", nargs="?", help="asked for when not given")
@@ -131,7 +129,8 @@ async def _run_node(config: NodeConfig) -> None:
     log.info("stopped")
 
 
-def _add_tls_options(parser: argparse.ArgumentParser) -> None:
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("url", help="tcp://HOST:PORT, tls://…, ws://HOST:PORT/PATH or wss://…")
     parser.add_argument("--cafile", help="trust this CA (tls and wss)")
     parser.add_argument("--insecure", action="store_true",
                         help="do not verify the server certificate (tls and wss)")
@@ -145,6 +144,15 @@ def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def _failed(command: str, exc: Exception) -> int:
+    """Report a failed client command: an error answer as its JSON, else the reason."""
+    if isinstance(exc, ApiError):
+        print(json.dumps({"code": exc.code, "error": exc.text}), file=sys.stderr)
+    else:
+        print(f"nkservice {command}: {exc or type(exc).__name__}", file=sys.stderr)
+    return 1
 
 
 def _password(args: argparse.Namespace) -> str | None:
@@ -179,12 +187,8 @@ def _listen(args: argparse.Namespace) -> int:
         asyncio.run(listen())
     except KeyboardInterrupt:
         return 0
-    except ApiError as error:
-        print(json.dumps({"code": error.code, "error": error.text}), file=sys.stderr)
-        return 1
-    except (OSError, TimeoutError) as exc:
-        print(f"nkservice listen: {exc or type(exc).__name__}", file=sys.stderr)
-        return 1
+    except (ApiError, OSError, TimeoutError) as exc:
+        return _failed("listen", exc)
     return 0
 
 
@@ -203,11 +207,7 @@ def _call(args: argparse.Namespace) -> int:
     try:
         answer = call(args.url, class_, cmd, data, subclass=subclass[0] if subclass else None,
                       user=args.user, password=_password(args), ssl=_tls_context(args))
-    except ApiError as error:
-        print(json.dumps({"code": error.code, "error": error.text}), file=sys.stderr)
-        return 1
-    except (OSError, TimeoutError) as exc:
-        print(f"nkservice call: {exc or type(exc).__name__}", file=sys.stderr)
-        return 1
+    except (ApiError, OSError, TimeoutError) as exc:
+        return _failed("call", exc)
     print(json.dumps({} if answer is None else answer, indent=2))  # no data means {} (§1.2)
     return 0

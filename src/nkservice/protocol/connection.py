@@ -155,7 +155,7 @@ class Connection:
             # {"result":"ok","tid":N}, the answer to each event delivered: no JSON parsing.
             digits = raw[_OK_END:-1]
             if digits.isdigit() and (digits[0] != 0x30 or len(digits) == 1):  # JSON: no 007
-                self._answered_ok(int(digits))
+                self._take_answer(int(digits), None)
                 return
         try:
             message = decode(raw)
@@ -169,16 +169,10 @@ class Connection:
             self._unanswered += 1
             self.handler.on_request(message)
         elif type(message) is Response:
-            tid = message.tid
-            if type(tid) is int and self._events.pop(tid, None) is not None:
-                if not message.ok:  # some clients answer events they do not handle so
-                    log.debug("error answer to event %d: %r", tid, message.data)
-                return
-            sent = self._sent.pop(tid, None) if type(tid) is int else None
-            if sent is None:
-                log.debug("ignoring a response to unknown tid %r", tid)
-            elif sent.waiter is not None:
-                sent.waiter.answered(message)
+            if type(message.tid) is int:
+                self._take_answer(message.tid, message)
+            else:
+                log.debug("ignoring a response to unknown tid %r", message.tid)
         else:
             assert type(message) is Ack
             tid = message.tid
@@ -194,14 +188,17 @@ class Connection:
             if sent.waiter is not None:
                 sent.waiter.acked()
 
-    def _answered_ok(self, tid: int) -> None:
+    def _take_answer(self, tid: int, response: Response | None) -> None:
+        """The answer to server request `tid`; None is the plain ok, read without decoding."""
         if self._events.pop(tid, None) is not None:
+            if response is not None and not response.ok:  # some clients answer events so
+                log.debug("error answer to event %d: %r", tid, response.data)
             return
         sent = self._sent.pop(tid, None)
         if sent is None:
             log.debug("ignoring a response to unknown tid %r", tid)
         elif sent.waiter is not None:
-            sent.waiter.answered(Response(tid, True))
+            sent.waiter.answered(response or Response(tid, True))
 
     def message_too_large(self) -> None:
         """The transport saw a message over the limit: answer, then close (§1.4)."""
@@ -218,12 +215,12 @@ class Connection:
     # -- answering client requests ---------------------------------------------------------
 
     def reply(self, tid: Tid, data: Any = None) -> None:
-        self._answered()
+        self._request_done()
         if not self.closed:
             self._wire.send(encode_ok(tid, data))
 
     def reply_error(self, tid: Tid, error: ApiError) -> None:
-        self._answered()
+        self._request_done()
         if not self.closed:
             self._wire.send(encode_error(tid, error))
 
@@ -231,7 +228,7 @@ class Connection:
         if not self.closed:
             self._wire.send(encode_ack(tid))
 
-    def _answered(self) -> None:
+    def _request_done(self) -> None:
         if self._unanswered > 0:
             self._unanswered -= 1
 

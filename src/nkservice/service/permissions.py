@@ -34,8 +34,10 @@ def granted(permissions: Mapping[str, Iterable[str]], user: str, action: str) ->
 
 
 def allowed(role: Role, least: Role, *, permissions: Mapping[str, Iterable[str]], user: str,
-            action: str) -> bool:
-    """May a caller of `role` run a command whose least role is `least`?"""
+            action: tuple[str, str, str]) -> bool:
+    """May a caller of `role` run the command `action` (class, subclass, cmd), whose least
+    role is `least`? Checked for every request: the permission patterns only when needed."""
     if role >= least:
         return True
-    return least is not Role.admin and role is Role.user and granted(permissions, user, action)
+    return (least is not Role.admin and role is Role.user
+            and granted(permissions, user, ".".join(action)))

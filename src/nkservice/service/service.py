@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from nkservice.errors import ApiError, ErrorCode
 from nkservice.events.bus import EventBus
-from nkservice.events.index import Topic
+from nkservice.events.index import Subscription, Topic
 from nkservice.protocol.connection import Connection, Wire
 from nkservice.protocol.messages import Request
 from nkservice.service.config import Credentials, ServiceConfig
@@ -67,10 +67,11 @@ class Service:
             inherited = list(holder.subscriptions.values())
             holder.stop("replaced by a new login with the same session id")
             return Claim(inherited)
-        parked = self._unpark(session_id)
-        if parked is None or parked.user != user:
+        unparked = self._unpark(session_id)
+        if unparked is None or unparked[0].user != user:
             return Claim()
-        return Claim(list(parked.subscriptions.values()), list(parked.buffer), resumed=True)
+        parked, subscriptions = unparked
+        return Claim(subscriptions, list(parked.buffer), resumed=True)
 
     def session_ended(self, session: Session) -> None:
         """A logged-in session closed: park it for resuming (when its connection ended it,
@@ -83,19 +84,17 @@ class Service:
         self.events.move(session, parked)
         parked.expiry = asyncio.get_running_loop().call_later(window, self._unpark,
                                                               parked.session_id)
-        self._unpark(parked.session_id)
         self.parked[parked.session_id] = parked
 
-    def _unpark(self, session_id: str) -> ParkedSession | None:
-        """Take a parked session out (resumed, replaced or expired); its subscriptions leave
-        the index and stay listed on the record for whoever resumes it."""
+    def _unpark(self, session_id: str) -> tuple[ParkedSession, list[Subscription]] | None:
+        """Take a parked session out (resumed, taken by another user, or expired): its
+        subscriptions leave the index and are returned, for whoever resumes it."""
         parked = self.parked.pop(session_id, None)
-        if parked is not None:
-            if parked.expiry is not None:
-                parked.expiry.cancel()
-            subscriptions = self.events.drop(parked)
-            parked.subscriptions = {s.topic: s for s in subscriptions}
-        return parked
+        if parked is None:
+            return None
+        if parked.expiry is not None:
+            parked.expiry.cancel()
+        return parked, self.events.drop(parked)
 
     def add(self, session: Session) -> None:
         self.sessions[session.session_id] = session
@@ -103,9 +102,6 @@ class Service:
 
     def closed(self, session: Session) -> None:
         self.connections.discard(session)
-        self.remove(session)
-
-    def remove(self, session: Session) -> None:
         if self.sessions.get(session.session_id) is not session:
             return
         del self.sessions[session.session_id]

@@ -137,9 +137,8 @@ class Session:
         command = COMMANDS.get(name) if name is not None else None
         if name is None or command is None:
             raise ApiError(ErrorCode.unknown_command, request.cmd)
-        if self.role < command.least_role and not allowed(
-                self.role, command.least_role, permissions=self.service.config.permissions,
-                user=self.user, action=f"core.{name[0]}.{name[1]}"):
+        if not allowed(self.role, command.least_role, permissions=self.service.config.permissions,
+                       user=self.user, action=("core", *name)):
             raise ApiError(ErrorCode.unauthorized)
         result = command.handler(self, request)
         if command.is_async:
