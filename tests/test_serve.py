@@ -130,7 +130,7 @@ async def test_clean_shutdown_closes_sessions_and_exits_0(server: Server, signum
     await peer.login("alice", "pw1")
     reader, writer = await asyncio.open_connection("127.0.0.1", server.plain)
     assert await server.stop(signum) == 0
-    assert await peer.wait_closed() == 1000
+    assert await peer.wait_closed() == 1001  # going away (§1.3)
     assert await reader.read() == b""
     writer.close()
     assert any("stopped" in line for line in server.log)

@@ -134,6 +134,18 @@ class Peer:
             return self._ws.close_code
         return None
 
+    async def read_until_closed(self, timeout: float = RECV_TIMEOUT
+                                ) -> tuple[list[dict[str, Any]], int | None]:
+        """Every message left until the server closes, and the WebSocket close code."""
+        messages = []
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    messages.append(await self.recv(timeout))
+                except Closed:
+                    break
+        return messages, self._ws.close_code if self._ws is not None else None
+
     async def close(self) -> None:
         if self._ws is not None:
             await self._ws.close()

@@ -39,6 +39,8 @@ class ErrorCode(Enum):
     message_too_large = (100077, "Message too large")
     too_many_requests = (100078, "Too many requests")
     service_unavailable = (100079, "Service unavailable")
+    too_many_subscriptions = (100080, "Too many subscriptions")
+    connection_closed = (100081, "Connection closed")
 
     @property
     def code(self) -> int:

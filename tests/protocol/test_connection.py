@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nkservice.errors import ApiError, ErrorCode
-from nkservice.protocol.connection import Connection, Limits
+from nkservice.protocol.connection import Connection, Goodbye, Limits
 from nkservice.protocol.messages import Request, Response
 
 
@@ -18,13 +18,15 @@ class FakeWire:
     def __init__(self) -> None:
         self.sent: list[dict[str, Any]] = []
         self.closed_because: str | None = None
+        self.close_code: int | None = None
         self.wake: float | None = None
 
     def send(self, data: bytes) -> None:
         self.sent.append(json.loads(data))
 
-    def close(self, reason: str) -> None:
-        self.closed_because = reason
+    def close(self, goodbye: Goodbye) -> None:
+        self.closed_because = goodbye.reason
+        self.close_code = goodbye.code
 
     def wake_at(self, when: float) -> None:
         self.wake = when
@@ -273,7 +275,7 @@ def test_request_data_is_omitted_only_when_empty(data: Any) -> None:
 
 
 def test_events_are_answered_fast_or_slow_and_acked() -> None:
-    rig = Rig(request_timeout=5, ack_timeout=60, ping_interval=0, max_queue=3)
+    rig = Rig(request_timeout=5, ack_timeout=60, ping_interval=0, max_unanswered_events=3)
     rig.conn.logged_in()
     for _ in range(3):
         rig.conn.send_event(b'{"class":"media"}')
@@ -290,7 +292,37 @@ def test_events_are_answered_fast_or_slow_and_acked() -> None:
     for _ in range(3):
         rig.conn.send_event(b'{"class":"media"}')
     assert rig.wire.closed_because is None
-    rig.conn.send_event(b'{"class":"media"}')  # a fourth unanswered: a slow consumer
+    rig.conn.send_event(b'{"class":"media"}')  # a fourth unanswered: too many
+    assert rig.wire.closed_because == "too many unanswered events"
+    assert rig.wire.close_code == 1008
+
+
+def test_the_outgoing_queue_bounds_a_slow_consumer_not_unanswered_events() -> None:
+    """§5.2: what counts is what could not be handed to the socket yet."""
+    rig = Rig(ping_interval=0, max_queue=3, max_queue_bytes=1000)
+    rig.conn.logged_in()
+    for _ in range(50):  # written at once (no backlog) and never answered: fine
+        rig.conn.send_event(b'{"class":"media"}')
+    assert rig.wire.closed_because is None
+    rig.wire.unsent = 100  # the transport is over its high-water mark from now on
+    for _ in range(3):
+        rig.conn.send_event(b'{"class":"media"}')
+    assert rig.wire.closed_because is None
+    rig.wire.unsent = 0  # drained: the queue is empty again
+    rig.conn.send_event(b'{"class":"media"}')
+    rig.wire.unsent = 100
+    for _ in range(3):
+        rig.conn.send_event(b'{"class":"media"}')
+    assert rig.wire.closed_because is None
+    rig.conn.send_event(b'{"class":"media"}')  # a fourth message queued
+    assert (rig.wire.closed_because, rig.wire.close_code) == ("slow consumer", 1008)
+
+
+def test_too_many_queued_bytes_is_a_slow_consumer() -> None:
+    rig = Rig(ping_interval=0, max_queue_bytes=1000)
+    rig.conn.logged_in()
+    rig.wire.unsent = 1001
+    rig.conn.send_event(b'{"class":"media"}')
     assert rig.wire.closed_because == "slow consumer"
 
 

@@ -18,7 +18,14 @@ restarted server do not all come back at once), connect, log in again with the s
 password, meta and session id (the server lets a user take over its own session id), then
 call `on_reconnect`. Every failure, a refused login included (the server may refuse for a
 while, e.g. `service_unavailable`), is retried until `close()`. Requests made while
-disconnected fail at once with `ConnectionError`.
+disconnected fail at once with `ConnectionError`. `on_disconnect(reason)` is called at each
+drop (and each refused login again) before the next try.
+
+Why a connection ended (§1.3): the server says so before it closes, on tcp/tls as a last
+line `{"result":"error","tid":null,"data":{"code":100081,"error":"Connection closed: …"}}`,
+on ws/wss in the close frame. The link keeps that text (or the transport's error) as its
+`reason`: it is the message of the `ConnectionError` its pending requests fail with, and
+what `on_disconnect` is given.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ import ssl as ssl_module
 from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import Any
+
+import orjson
 
 from nkservice.client.transports import Transport, open_transport
 from nkservice.errors import ApiError, ErrorCode
@@ -50,11 +59,13 @@ from nkservice.protocol.messages import (
 log = logging.getLogger(__name__)
 
 ACK_WINDOW = 180.0  # what an ack buys on the server side (§1.3); we grant the server the same
+CONNECTION_CLOSED = 100081  # the code of the server's last line on tcp/tls (§1.3, §10)
 
 Event = dict[str, Any]
 RequestHandler = Callable[[Any], Any]  # data → reply data, or an awaitable of it
 EventCallback = Callable[[Event], None]
 ReconnectHook = Callable[[], Awaitable[None] | None]
+DisconnectHook = Callable[[str], Awaitable[None] | None]  # given why the connection ended
 
 
 class Client:
@@ -71,7 +82,8 @@ class Client:
                  request_timeout: float = 30.0, reconnect: bool = False,
                  backoff_min: float = 0.1, backoff_max: float = 10.0,
                  ack_after: float = 0.5, ack_every: float = 60.0,
-                 on_reconnect: ReconnectHook | None = None) -> None:
+                 on_reconnect: ReconnectHook | None = None,
+                 on_disconnect: DisconnectHook | None = None) -> None:
         self.url = url
         self.ssl = ssl
         self.request_timeout = request_timeout
@@ -81,6 +93,7 @@ class Client:
         self.ack_after = ack_after
         self.ack_every = ack_every
         self.on_reconnect = on_reconnect
+        self.on_disconnect = on_disconnect
         self.session_id: str | None = None
         self.user: str | None = None
         # Set when the client is done for good: `close()`, or a drop without `reconnect`.
@@ -160,15 +173,11 @@ class Client:
             link = self._link
             assert link is not None
             await link.wait_lost()
-            log.info("connection to %s lost; reconnecting", self.url)
+            reason = link.reason or "connection lost"
+            log.info("connection to %s lost (%s); reconnecting", self.url, reason)
+            await _run_hook(self.on_disconnect, reason)
             await self._reestablish()
-            if self.on_reconnect is not None:
-                try:
-                    result = self.on_reconnect()
-                    if result is not None:
-                        await result
-                except Exception:
-                    log.exception("on_reconnect hook failed")
+            await _run_hook(self.on_reconnect)
 
     async def _reestablish(self) -> None:
         attempt = 0
@@ -192,6 +201,7 @@ class Client:
                 log.warning("login again on %s failed: %s", self.url, exc)
                 link.close()
                 await link.wait_lost()
+                await _run_hook(self.on_disconnect, f"logging in again failed: {exc}")
 
     # -- our requests ------------------------------------------------------------------------
 
@@ -372,8 +382,14 @@ class Client:
         try:
             message = decode(raw)
         except BadMessage as bad:
-            log.warning("ignoring a bad message from %s (%s): %.200r", self.url, bad.error.name,
-                        raw)
+            error = _untagged_error(raw)
+            if error is None:
+                log.warning("ignoring a bad message from %s (%s): %.200r", self.url,
+                            bad.error.name, raw)
+            elif error.code == CONNECTION_CLOSED:
+                link.reason = error.text  # the server's last line says why it closes (§1.3)
+            else:  # e.g. our bytes were not JSON, or too large: nothing to match it with
+                log.warning("the server reported an error about no request: %s", error.text)
             return
         if type(message) is Request:
             self._served(link, message)
@@ -395,6 +411,29 @@ def _key_of(keys: dict[str, Any]) -> tuple[str, ...]:
                                                    "obj_id"))
 
 
+def _untagged_error(raw: bytes) -> ApiError | None:
+    """An error response with `tid: null` (§1.4, §1.3), which `decode` refuses, or None."""
+    try:
+        message = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if (isinstance(message, dict) and message.get("result") == "error"
+            and "tid" in message and message["tid"] is None):
+        return ApiError.from_wire(message.get("data"))
+    return None
+
+
+async def _run_hook(hook: Callable[..., Awaitable[None] | None] | None, *args: Any) -> None:
+    if hook is None:
+        return
+    try:
+        result = hook(*args)
+        if result is not None:
+            await result
+    except Exception:
+        log.exception("%s hook failed", getattr(hook, "__name__", "a"))
+
+
 def _as_api_error(exc: Exception, request: Request) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
@@ -411,6 +450,7 @@ class _Link:
         self._tasks: set[asyncio.Task[None]] = set()
         self.pending: dict[int, _Pending] = {}  # our requests sent on this connection
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.reason: str | None = None  # why it ended, when the server or transport said
 
     def connection_made(self, transport: Transport) -> None:
         self._transport = transport
@@ -422,10 +462,12 @@ class _Link:
     def connection_lost(self, exc: Exception | None) -> None:
         if self.lost.done():
             return
+        if self.reason is None and exc is not None:
+            self.reason = str(exc) or type(exc).__name__
         self.lost.set_result(None)
         pending, self.pending = self.pending, {}
         for entry in pending.values():
-            entry.fail(ConnectionError("connection lost"))
+            entry.fail(ConnectionError(self.reason or "connection lost"))
         # A handler's answer has nowhere to go now: the server forgot the request.
         for task in self._tasks:
             task.cancel()

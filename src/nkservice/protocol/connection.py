@@ -14,7 +14,9 @@ to its `RequestHandler`. It owns what the protocol itself fixes:
   connection. There is one wake-up time per connection, not a timer per request: adding a
   request only moves it earlier; acks and answers leave it, and a wake-up that finds
   nothing due just computes the next one;
-- the bad-input rules of §1.4.
+- the bad-input rules of §1.4, and the slow-consumer rule of §5.2;
+- saying why: every close it decides carries a `Goodbye`, the reason in words with the
+  WebSocket close code and the last NDJSON line for tcp/tls (§1.3).
 
 Tests drive it with a fake clock and a recording `Wire`; transports drive it with the
 event loop's clock and a socket.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any, Protocol
 
 from nkservice.errors import ApiError, ErrorCode
@@ -55,8 +58,31 @@ class Limits:
     max_message_size: int = 1 << 20
     max_pending_requests: int = 1000
     max_bad_messages: int = 20
-    max_queue: int = 1000  # server requests (events) the client has not answered yet…
-    max_queue_bytes: int = 16 * 1024 * 1024  # …or bytes not yet written: a slow consumer
+    max_queue: int = 1000  # messages produced but not yet handed to the socket…
+    max_queue_bytes: int = 16 * 1024 * 1024  # …or their bytes: over either, a slow consumer
+    max_unanswered_events: int = 10_000  # events written, their answers not yet received
+
+
+class CloseCode(IntEnum):
+    """Why the server ends a connection, as a WebSocket close code (RFC 6455 §7.4.1)."""
+
+    normal = 1000  # a deadline missed, a session stopped or replaced
+    going_away = 1001  # the node or the service is stopping
+    policy = 1008  # a slow consumer, too many bad messages or failed logins
+    too_large = 1009  # a message over max_message_size
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye:
+    """What the peer is told when the server ends its connection (§1.3): WebSocket sends
+    `code` and `reason` in its close frame; newline JSON writes `line` last."""
+
+    code: CloseCode
+    reason: str
+
+    @property
+    def line(self) -> bytes:
+        return encode_error(None, ApiError(ErrorCode.connection_closed, self.reason))
 
 
 class Wire(Protocol):
@@ -65,8 +91,8 @@ class Wire(Protocol):
     def send(self, data: bytes) -> None:
         """Write one message (the transport adds framing)."""
 
-    def close(self, reason: str) -> None:
-        """Flush what was sent, then end the connection."""
+    def close(self, goodbye: Goodbye) -> None:
+        """Flush what was sent, tell the peer why, then end the connection."""
 
     def wake_at(self, when: float) -> None:
         """Call `Connection.on_timer` at `when`, instead of any earlier-requested time."""
@@ -115,6 +141,7 @@ class Connection:
         "_login_deadline",
         "_next_ping",
         "_next_tid",
+        "_queued",
         "_sent",
         "_unanswered",
         "_wake",
@@ -135,6 +162,7 @@ class Connection:
         self._sent: dict[int, _Sent] = {}
         self._events: dict[int, float] = {}  # tid → deadline of each event not yet answered
         self._unanswered = 0
+        self._queued = 0  # messages sent while the transport's buffer was over its mark
         self._bad_messages = 0
         self._next_ping: float | None = None
         self._wake: float | None = None
@@ -204,13 +232,13 @@ class Connection:
         """The transport saw a message over the limit: answer, then close (§1.4)."""
         if not self.closed:
             self._wire.send(encode_error(None, ApiError(ErrorCode.message_too_large)))
-            self.close("message too large")
+            self.close("message too large", CloseCode.too_large)
 
     def _bad_input(self, bad: BadMessage) -> None:
         self._wire.send(encode_error(bad.tid, ApiError(bad.error)))
         self._bad_messages += 1
         if self._bad_messages > self.limits.max_bad_messages:
-            self.close("too many bad messages")
+            self.close("too many bad messages", CloseCode.policy)
 
     # -- answering client requests ---------------------------------------------------------
 
@@ -237,7 +265,7 @@ class Connection:
     def send_request(self, class_: str, cmd: str, data: Any = None, *,
                      subclass: str | None = None, waiter: Waiter | None = None) -> int:
         """Send a request the client must answer within `request_timeout` (or acks)."""
-        if self.closed:
+        if self.closed or self._slow_consumer():
             if waiter is not None:
                 waiter.failed(ApiError(ErrorCode.session_not_found, "connection closed"))
             return 0
@@ -247,14 +275,14 @@ class Connection:
 
     def send_event(self, data: bytes) -> None:
         """Deliver an event (§5.2): a `core`/`event` request whose `data` is encoded already,
-        once for all its receivers. A client over `max_queue` is a slow consumer: closed."""
-        if self.closed:
+        once for all its receivers."""
+        if self.closed or self._slow_consumer():
             return
         limits = self.limits
-        if len(self._events) >= limits.max_queue or self._wire.backlog() > limits.max_queue_bytes:
-            log.info("closing a slow consumer: %d events unanswered, %d bytes unsent",
-                     len(self._events), self._wire.backlog())
-            self.close("slow consumer")
+        if len(self._events) >= limits.max_unanswered_events:
+            log.info("closing a connection with %d events unanswered", len(self._events))
+            self.close("too many unanswered events", CloseCode.policy,
+                       waiters_get=ErrorCode.timeout)
             return
         tid = self._next_tid
         self._next_tid += 1
@@ -262,6 +290,22 @@ class Connection:
         self._events[tid] = deadline
         self._want_wake(deadline)
         self._wire.send(b'{"class":"core","cmd":"event","tid":%d,"data":%b}' % (tid, data))
+
+    def _slow_consumer(self) -> bool:
+        """§5.2: is the outgoing queue over `max_queue` messages or `max_queue_bytes`? Then
+        close. The transport reports bytes only once its buffer is over the high-water mark
+        (it sends at once below that), so what is sent from then on counts as queued."""
+        backlog = self._wire.backlog()
+        if not backlog:
+            self._queued = 0
+            return False
+        self._queued += 1
+        if self._queued <= self.limits.max_queue and backlog <= self.limits.max_queue_bytes:
+            return False
+        log.info("closing a slow consumer: %d messages, %d bytes not yet sent", self._queued,
+                 backlog)
+        self.close("slow consumer", CloseCode.policy)
+        return True
 
     def _expect_answer(self, waiter: Waiter | None) -> int:
         """A new server tid, in the table of requests the client must answer in time."""
@@ -313,12 +357,13 @@ class Connection:
 
     # -- the end -----------------------------------------------------------------------------
 
-    def close(self, reason: str, *,
+    def close(self, reason: str, code: CloseCode = CloseCode.normal, *,
               waiters_get: ErrorCode = ErrorCode.session_not_found) -> None:
-        """End the connection from this side; whatever waited on the client fails."""
+        """End the connection from this side, telling the peer why; whatever waited on the
+        client fails."""
         if not self.closed:
             self._end_error = waiters_get
-            self._wire.close(reason)
+            self._wire.close(Goodbye(code, reason))
             self.lost()
 
     def lost(self) -> None:

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from nkservice.errors import ApiError, ErrorCode
 from nkservice.events.bus import EventBus
 from nkservice.events.index import Subscription, Topic
-from nkservice.protocol.connection import Connection, Wire
+from nkservice.protocol.connection import CloseCode, Connection, Wire
 from nkservice.protocol.messages import Request
 from nkservice.service.config import Credentials, ServiceConfig
 from nkservice.service.login import LoginStep, login_chain
@@ -139,7 +139,7 @@ class Service:
 
     def stop(self, reason: str) -> None:
         for session in list(self.connections):
-            session.stop(reason)
+            session.stop(reason, CloseCode.going_away)
         for session_id in list(self.parked):
             self._unpark(session_id)
         for task in list(self._tasks):

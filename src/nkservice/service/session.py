@@ -20,7 +20,7 @@ from nkservice.errors import ApiError, ErrorCode
 from nkservice.events import commands as event_commands
 from nkservice.events.bus import automatic_topics
 from nkservice.events.index import Subscription, Topic
-from nkservice.protocol.connection import Connection, Wire
+from nkservice.protocol.connection import CloseCode, Connection, Wire
 from nkservice.protocol.messages import Request
 from nkservice.protocol.names import canonical
 from nkservice.service import commands as session_commands
@@ -82,9 +82,9 @@ class Session:
         return {"remote": self.remote, "transport": self.transport, "meta": self.meta,
                 "login_time": self.login_time}
 
-    def stop(self, reason: str) -> None:
+    def stop(self, reason: str, code: CloseCode = CloseCode.normal) -> None:
         self.stopped = True
-        self.conn.close(reason)
+        self.conn.close(reason, code)
 
     # -- RequestHandler ------------------------------------------------------------------
 
@@ -233,7 +233,7 @@ class Session:
             error = ApiError(ErrorCode.unauthorized)
         self.conn.reply_error(request.tid, error)
         if self._failures >= MAX_LOGIN_FAILURES:
-            self.conn.close("too many failed logins")
+            self.conn.close("too many failed logins", CloseCode.policy)
 
     def _run_backlog(self) -> None:
         backlog, self._backlog = self._backlog, None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
-from nkservice.protocol.connection import Connection
+from nkservice.protocol.connection import Connection, Goodbye
 from nkservice.protocol.framing import LineFramer, MessageTooLarge
 from nkservice.transport.base import Accept, WakeUps, peer_address
 
@@ -76,8 +76,9 @@ class LineProtocol(asyncio.Protocol):
             assert self._transport is not None
             self._transport.write(data + b"\n")
 
-    def close(self, reason: str) -> None:
+    def close(self, goodbye: Goodbye) -> None:
         assert self._transport is not None
+        self.send(goodbye.line)  # the last line says why (§1.3)
         self._flush()
         self._transport.close()
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest
 from picows.picows import WSAutoPingStrategy, WSProtocol  # type: ignore[attr-defined]
 
-from nkservice.protocol.connection import Connection
+from nkservice.protocol.connection import Connection, Goodbye
 from nkservice.protocol.framing import FragmentAssembler, MessageTooLarge
 from nkservice.transport.base import Accept, WakeUps, peer_address
 
@@ -151,8 +151,8 @@ class MessageListener(WSListener):
             assert self._ws is not None
             self._ws.send(_TEXT, data)
 
-    def close(self, reason: str) -> None:
-        self._close_transport(WSCloseCode.OK, reason)
+    def close(self, goodbye: Goodbye) -> None:
+        self._close_transport(WSCloseCode(goodbye.code), goodbye.reason)
 
     def backlog(self) -> int:
         # Asked for at every event sent: only look once the transport has said it is full.
