@@ -284,7 +284,7 @@ async def test_user_and_session_events(make_node: NodeFactory, connect: PeerFact
 async def test_automatic_subscriptions_are_listed_and_removable(
         pair: tuple[Node, Peer, Peer]) -> None:
     node, alice, admin = pair
-    alice_id = next(iter(node.services["demo"].users["alice"]))
+    alice_id = next(iter(node.registry._book("demo").users["alice"]))
     listed = await ok(alice, "get_subscriptions")
     assert listed == [
         {"class": "core", "subclass": "user_event", "type": "*", "obj_id": "alice",
@@ -515,7 +515,7 @@ async def test_no_resume_for_another_user_or_after_the_window(
     await carol.close()
     await gone(short_admin, "carol")
     async with asyncio.timeout(5):  # the server's own 50 ms timer: nothing to await on
-        while node.services["short"].parked:  # noqa: ASYNC110 (time is what is tested)
+        while node.registry._book("short").parked:  # noqa: ASYNC110 (time is what is tested)
             await asyncio.sleep(0.01)
     later = await connect(node, "short", transport)
     assert "resumed" not in await later.login("carol", "pw3", session_id="tablet")
@@ -530,7 +530,7 @@ async def test_resume_is_off_by_default(make_node: NodeFactory, connect: PeerFac
     await ok(alice, "subscribe", {"class": "media"})
     await alice.close()
     await gone(admin, "alice")
-    assert node.services["demo"].parked == {}
+    assert node.registry._book("demo").parked == {}
     again = await connect(node, "demo", transport)
     assert "resumed" not in await again.login("alice", "pw1", session_id="phone")
 
@@ -543,6 +543,6 @@ async def test_a_session_stopped_by_an_admin_does_not_resume(
     await ok(alice, "subscribe", {"class": "media"})
     await ok(admin, "stop_session", {"session_id": alice_id})
     await alice.wait_closed()
-    assert node.services["demo"].parked == {}
+    assert node.registry._book("demo").parked == {}
     again = await connect(node, "demo", transport)
     assert "resumed" not in await again.login("alice", "pw1", session_id="pc")

@@ -135,11 +135,16 @@ async def test_requests_sent_behind_the_login_wait_for_it(
     await peer.send({"class": "core", "cmd": "login", "tid": 1,
                      "data": {"user": "demo-admin", "password": "pw"}})
     await peer.send({"class": "core", "cmd": "list_users", "tid": 2})
-    await peer.send({"class": "core", "cmd": "ping", "tid": 3})
-    answers = [await peer.recv() for _ in range(3)]
-    assert [a["tid"] for a in answers] == [1, 2, 3]
-    assert all(a["result"] == "ok" for a in answers), answers
-    assert list(answers[1]["data"]) == ["demo-admin"]
+    await peer.send({"class": "core", "cmd": "subscribe", "tid": 3, "data": {"class": "m"}})
+    await peer.send({"class": "core", "cmd": "send_event", "tid": 4, "data": {"class": "m"}})
+    messages = [await peer.recv() for _ in range(5)]
+    assert messages[0]["tid"] == 1  # the login is answered first
+    answers = {m["tid"]: m for m in messages if "result" in m}
+    assert all(a["result"] == "ok" for a in answers.values()), answers
+    assert sorted(answers) == [1, 2, 3, 4]
+    assert list(answers[2]["data"]) == ["demo-admin"]
+    # Handled in arrival order: the subscription was active when the event was sent.
+    assert [m["data"] for m in messages if m.get("cmd") == "event"] == [{"class": "m"}]
 
 
 async def test_client_chosen_session_id(make_node: NodeFactory, connect: PeerFactory,

@@ -245,7 +245,7 @@ async def test_the_global_admin_acts_on_any_service(
     users = await admin.request("core", "list_users", {"service": "other"})
     assert users["data"] == {"bob": [other_id]}
     assert (await admin.request("core", "list_users"))["data"] == {"admin": [
-        next(iter(node.services["core"].sessions))]}
+        next(iter(node.registry._book("core").sessions))]}
     missing = await admin.request("core", "list_users", {"service": "nope"})
     assert missing["data"] == {"code": 100020, "error": "Service not found"}
     stopped = await admin.request("core", "stop_session", {"session_id": other_id,

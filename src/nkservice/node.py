@@ -8,7 +8,8 @@ import ssl
 from collections import defaultdict
 from dataclasses import dataclass
 
-from nkservice.events.bus import EventBus
+from nkservice.events.bus import Bus, LocalBus
+from nkservice.events.fanout import Events
 from nkservice.service.config import (
     ConfigError,
     Credentials,
@@ -17,6 +18,7 @@ from nkservice.service.config import (
     ServiceConfig,
     TlsConfig,
 )
+from nkservice.service.registry import LocalSessionRegistry, SessionRegistry
 from nkservice.service.service import Service
 from nkservice.transport.listener import listen
 
@@ -42,7 +44,10 @@ class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.services: dict[str, Service] = {}
-        self.events = EventBus()
+        # The seams a cluster replaces; one process needs nothing more than these.
+        self.bus: Bus = LocalBus()
+        self.events = Events(self.bus)
+        self.registry: SessionRegistry = LocalSessionRegistry(self.events)
         self._servers: dict[str, list[tuple[_Port, asyncio.Server]]] = {}
 
     # -- Directory -------------------------------------------------------------------------

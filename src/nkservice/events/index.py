@@ -76,6 +76,11 @@ class SubscriptionIndex(Generic[S]):
                 del self._classes[(topic.service, topic.class_)]
         return True
 
+    def holds(self, topic: Topic) -> bool:
+        """Does anyone hold a subscription with exactly this key?"""
+        by_key = self._classes.get((topic.service, topic.class_))
+        return by_key is not None and topic.key in by_key
+
     def match(self, event: Topic) -> dict[S, Subscription]:
         """Each matching subscriber once, with its most specific (then oldest) subscription."""
         by_key = self._classes.get((event.service, event.class_))

@@ -1,12 +1,12 @@
 """The core commands of PROTOCOL.md §6 that act on users and sessions, and `ping`.
 
+Every session they act on is reached through the session registry, wherever it lives.
 `TABLE` maps the subclass form (`user`/`list`, …) to each command; the seed's flat names are
 mapped to these keys by `protocol.names`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +14,6 @@ from nkservice.errors import ApiError, ErrorCode
 from nkservice.protocol.messages import Request
 from nkservice.service.permissions import Role
 from nkservice.service.requests import Command, optional, required, target_service
-from nkservice.service.waiters import FutureWaiter
 
 if TYPE_CHECKING:
     from nkservice.service.session import Session
@@ -26,33 +25,31 @@ _LOG_LEVELS = {1: logging.CRITICAL, 2: logging.CRITICAL, 3: logging.ERROR, 4: lo
                5: logging.INFO, 6: logging.INFO, 7: logging.DEBUG}
 
 
-# -- the commands ------------------------------------------------------------------------------
-
 def ping(caller: Session, request: Request) -> Any:
     return None
 
 
-def list_users(caller: Session, request: Request) -> Any:
+async def list_users(caller: Session, request: Request) -> Any:
     service = target_service(caller, request.fields)
-    return {user: list(sessions) for user, sessions in service.users.items()}
+    return await service.registry.users(service.name)
 
 
-def get_user(caller: Session, request: Request) -> Any:
+async def get_user(caller: Session, request: Request) -> Any:
     fields = request.fields
     user = required(fields, "user", str)
-    sessions = target_service(caller, fields).users.get(user)
+    service = target_service(caller, fields)
+    sessions = await service.registry.sessions_of(service.name, user)
     if not sessions:
         raise ApiError(ErrorCode.user_not_found)
-    return {session_id: session.describe() for session_id, session in sessions.items()}
+    return {session_id: info.describe() for session_id, info in sessions.items()}
 
 
-def stop_session(caller: Session, request: Request) -> Any:
+async def stop_session(caller: Session, request: Request) -> Any:
     fields = request.fields
     session_id = required(fields, "session_id", str)
-    target = target_service(caller, fields).session(session_id)
-    # Stop it after the answer is written: the caller may be stopping itself.
-    asyncio.get_running_loop().call_soon(target.stop, f"stopped by {caller.user}")
-    return {"user": target.user}
+    service = target_service(caller, fields)
+    user = await service.registry.stop(service.name, session_id, f"stopped by {caller.user}")
+    return {"user": user}
 
 
 async def session_cmd(caller: Session, request: Request) -> Any:
@@ -63,10 +60,10 @@ async def session_cmd(caller: Session, request: Request) -> Any:
     cmd = required(fields, "cmd", str)
     subclass = optional(fields, "subclass", str, "") or None
     timeout = optional(fields, "timeout", float, 0.0) or None
-    target = target_service(caller, fields).session(session_id)
-    waiter = FutureWaiter(on_ack=lambda: caller.conn.ack(request.tid))
-    target.conn.send_request(class_, cmd, fields.get("data"), subclass=subclass, waiter=waiter)
-    response = await waiter.response(within=timeout)
+    service = target_service(caller, fields)
+    response = await service.registry.request(
+        service.name, session_id, class_, cmd, fields.get("data"), subclass=subclass,
+        on_ack=lambda: caller.conn.ack(request.tid), timeout=timeout)
     if response.ok:
         return response.data
     raise response.error()

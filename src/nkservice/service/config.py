@@ -82,6 +82,7 @@ class ServiceConfig:
     login_failure_delay: float = 0.1  # the first failed login's delay; doubles, at most 5 s
     resume_window: float = 0.0
     resume_buffer: int = 100
+    max_subscriptions: int = 10_000  # per session (§5.2)
     lua_timeout: float = 1.0
     lua_memory: int = 16 * 1024 * 1024
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -143,7 +144,7 @@ def parse_node_config(table: dict[str, Any], base_dir: Path) -> NodeConfig:
 _LIMIT_KEYS = {f.name for f in fields(Limits)}
 _SERVICE_KEYS = {
     "listen", "admin", "users", "plugins", "script", "script_code", "login_failure_delay",
-    "resume_window", "resume_buffer", "lua_timeout",
+    "resume_window", "resume_buffer", "max_subscriptions", "lua_timeout",
     "lua_memory", "tls", "gelf", "permissions",
 } | _LIMIT_KEYS
 
@@ -186,6 +187,7 @@ def parse_service(name: str, table: dict[str, Any], base_dir: Path, *, where: st
         login_failure_delay=_number(table, f"{where}login_failure_delay", float, 0.1),
         resume_window=_number(table, f"{where}resume_window", float, 0.0),
         resume_buffer=_number(table, f"{where}resume_buffer", int, 100),
+        max_subscriptions=_number(table, f"{where}max_subscriptions", int, 10_000),
         lua_timeout=_number(table, f"{where}lua_timeout", float, 1.0),
         lua_memory=_number(table, f"{where}lua_memory", int, 16 * 1024 * 1024),
         tls=TlsConfig(

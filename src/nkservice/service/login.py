@@ -1,19 +1,22 @@
-"""The login chain (PROTOCOL.md §3): who decides a login, in order, first match wins.
+"""Logins (PROTOCOL.md §3): the attempt, the decision, and the links that check passwords.
 
-A `LoginStep` returns a `LoginDecision` to decide, or None to pass to the next step. The
-chain is built per service: the global admin, the service's admin, then the service's login
-logic (plugins, the Lua script and the external `login` callback plug in here, in that
-order), then the static `users` table. A step that knows the user but not the password
-notes it on the attempt, so the final refusal can say `invalid_password`.
+A login goes down the service's logic chain (`logic.py`), first decision wins: the global
+administrator, the service's administrator (`CredentialsLogin`, at the top of the chain),
+then the service's login logic (plugins, the Lua script, the external `login` callback),
+then the static `users` table at the base (`StaticUsersLogin`). A link that knows the user
+but not the password notes it on the attempt, so the final refusal can say
+`invalid_password`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from nkservice.service.config import Credentials
-from nkservice.service.passwords import check_password
+from nkservice.service.logic import CONTINUE, Continue, Link
+from nkservice.service.passwords import verify_password
 from nkservice.service.permissions import Role
 
 
@@ -40,55 +43,47 @@ class LoginDecision:
     reason: str | None = None
 
 
-class LoginStep(Protocol):
-    async def decide(self, attempt: LoginAttempt) -> LoginDecision | None: ...
+REFUSED = LoginDecision(False)
 
 
-class CredentialsLogin:
+async def _password_decides(attempt: LoginAttempt, stored: str, role: Role
+                            ) -> LoginDecision | Continue:
+    if await verify_password(attempt.password, stored):
+        return LoginDecision(True, role=role)
+    attempt.password_mismatch = True
+    return CONTINUE
+
+
+class CredentialsLogin(Link):
     """The global administrator, or a service's own administrator."""
 
     def __init__(self, credentials: Credentials, role: Role) -> None:
         self._credentials = credentials
         self._role = role
 
-    async def decide(self, attempt: LoginAttempt) -> LoginDecision | None:
+    def login(self, attempt: LoginAttempt) -> Continue | Awaitable[LoginDecision | Continue]:
         if attempt.user != self._credentials.user:
-            return None
-        if check_password(attempt.password, self._credentials.password):
-            return LoginDecision(True, role=self._role)
-        attempt.password_mismatch = True
-        return None
+            return CONTINUE
+        return _password_decides(attempt, self._credentials.password, self._role)
 
 
-class StaticUsersLogin:
+class StaticUsersLogin(Link):
     """The service's `users` table: the last step before `unauthorized`."""
 
     def __init__(self, users: dict[str, str]) -> None:
         self._users = users
 
-    async def decide(self, attempt: LoginAttempt) -> LoginDecision | None:
+    def login(self, attempt: LoginAttempt) -> Continue | Awaitable[LoginDecision | Continue]:
         stored = self._users.get(attempt.user)
         if stored is None:
-            return None
-        if check_password(attempt.password, stored):
-            return LoginDecision(True)
-        attempt.password_mismatch = True
-        return None
+            return CONTINUE
+        return _password_decides(attempt, stored, Role.user)
 
 
-def login_chain(admin: Credentials, service_admin: Credentials | None, users: dict[str, str],
-                logic: list[LoginStep], *, is_core: bool) -> list[LoginStep]:
-    chain: list[LoginStep] = [CredentialsLogin(admin, Role.admin)]
-    if is_core:  # only the global administrator may log in on the core service
-        return chain
-    if service_admin is not None and service_admin.user:
-        chain.append(CredentialsLogin(service_admin, Role.service_admin))
-    return [*chain, *logic, StaticUsersLogin(users)]
-
-
-async def decide(chain: list[LoginStep], attempt: LoginAttempt) -> LoginDecision:
-    for step in chain:
-        decision = await step.decide(attempt)
-        if decision is not None:
-            return decision
-    return LoginDecision(False)
+def administrators(admin: Credentials, service_admin: Credentials | None, *, is_core: bool
+                   ) -> list[Link]:
+    """The top of a service's chain: the global admin, then the service's own admin."""
+    links: list[Link] = [CredentialsLogin(admin, Role.admin)]
+    if not is_core and service_admin is not None and service_admin.user:
+        links.append(CredentialsLogin(service_admin, Role.service_admin))
+    return links

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from nkservice.errors import ApiError, ErrorCode
@@ -21,15 +20,11 @@ T = TypeVar("T")
 @dataclass(frozen=True, slots=True)
 class Command:
     """A core command: a function of the calling session and its request that returns the
-    reply's `data` (or is a coroutine function: answered when it finishes), or raises
-    `ApiError`; and the least role that may run it (PROTOCOL.md §4)."""
+    reply's `data`, or an awaitable of it (answered when it finishes), or raises `ApiError`;
+    and the least role that may run it (PROTOCOL.md §4)."""
 
     handler: Callable[[Session, Request], Any]
     least_role: Role
-    is_async: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "is_async", inspect.iscoroutinefunction(self.handler))
 
 
 def _of_type(value: Any, name: str, kind: type[T]) -> T:

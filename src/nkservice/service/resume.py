@@ -14,16 +14,17 @@ from typing import TYPE_CHECKING
 from nkservice.events.index import Subscription, Topic
 
 if TYPE_CHECKING:
-    from nkservice.service.service import Service
     from nkservice.service.session import Session
 
 
 class ParkedSession:
-    __slots__ = ("buffer", "expiry", "seed_form", "service", "session_id", "subscriptions",
+    """A subscriber that keeps what it is sent."""
+
+    __slots__ = ("buffer", "expiry", "home", "seed_form", "session_id", "subscriptions",
                  "user")
 
     def __init__(self, session: Session, buffer_size: int) -> None:
-        self.service: Service = session.service
+        self.home = session.home
         self.user = session.user
         self.session_id = session.session_id
         self.seed_form = session.seed_form
@@ -31,17 +32,13 @@ class ParkedSession:
         self.buffer: deque[bytes] = deque(maxlen=buffer_size)
         self.expiry: asyncio.TimerHandle | None = None
 
-    @property
-    def conn(self) -> ParkedSession:
-        return self  # the bus writes events to `conn.send_event`: keep them instead
-
-    def send_event(self, data: bytes) -> None:
+    def deliver(self, data: bytes) -> None:
         self.buffer.append(data)
 
 
 @dataclass(slots=True)
 class Claim:
-    """What a login with a chosen session id takes over (see `Service.claim_session_id`)."""
+    """What a login with a chosen session id takes over (see `SessionRegistry.claim`)."""
 
     subscriptions: list[Subscription] = field(default_factory=list)
     missed_events: list[bytes] = field(default_factory=list)

@@ -2,13 +2,15 @@
 
 `Session` is the `RequestHandler` of a `Connection`. Before login it answers only `login` and
 `ping`; requests that arrive while a login is being decided wait in arrival order. After
-login it routes each request: client events, other classes (the hook point for plugins and
-callbacks), and the core commands of `commands.py`, each checked against the caller's role.
+login every request goes down the service's logic chain (`logic.py`): client events to
+whoever wants them, everything else to the first link that answers, the core commands at
+the base.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 import uuid
@@ -17,15 +19,14 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from nkservice.errors import ApiError, ErrorCode
-from nkservice.events import commands as event_commands
-from nkservice.events.bus import automatic_topics
 from nkservice.events.index import Subscription, Topic
 from nkservice.protocol.connection import CloseCode, Connection, Wire
 from nkservice.protocol.messages import Request
 from nkservice.protocol.names import canonical
-from nkservice.service import commands as session_commands
-from nkservice.service.login import LoginAttempt, LoginDecision, decide
-from nkservice.service.permissions import Role, allowed
+from nkservice.service.event_commands import automatic_topics
+from nkservice.service.login import REFUSED, LoginAttempt, LoginDecision
+from nkservice.service.logic import CONTINUE, settled
+from nkservice.service.permissions import Role
 from nkservice.service.requests import optional
 
 if TYPE_CHECKING:
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 MAX_LOGIN_FAILURES = 5
 MAX_LOGIN_DELAY = 5.0
 MAX_SESSION_ID_LENGTH = 128
-COMMANDS = {**session_commands.TABLE, **event_commands.TABLE}
 
 
 class Session:
@@ -78,9 +78,13 @@ class Session:
     def logged_in(self) -> bool:
         return bool(self.session_id)
 
-    def describe(self) -> dict[str, Any]:
-        return {"remote": self.remote, "transport": self.transport, "meta": self.meta,
-                "login_time": self.login_time}
+    @property
+    def home(self) -> str:
+        return self.service.name
+
+    def deliver(self, data: bytes) -> None:
+        """An event for this session (a `Subscriber` of `events/`)."""
+        self.conn.send_event(data)
 
     def stop(self, reason: str, code: CloseCode = CloseCode.normal) -> None:
         self.stopped = True
@@ -101,23 +105,17 @@ class Session:
             self.conn.reply_error(request.tid, ApiError(ErrorCode.internal_error))
 
     def on_closed(self) -> None:
-        self.service.closed(self)
+        service = self.service
+        service.connections.discard(self)
         if self.logged_in:
-            self.service.session_ended(self)
-            self._publish_lifecycle("stop")
-
-    def _publish_lifecycle(self, what: str) -> None:
-        """`core/session/start|stop` in the session's service (§5.4)."""
-        self.service.events.publish(
-            Topic(self.service.name, "core", "session", what, self.session_id),
-            {"user": self.user, "remote": self.remote, "transport": self.transport})
+            service.registry.ended(self)
+            service.logic.session_stop(self)
 
     # -- routing ---------------------------------------------------------------------------
 
     def _route(self, request: Request) -> None:
-        is_core = request.class_ == "core"
-        name = canonical(request.subclass, request.cmd) if is_core else None
         if not self.logged_in:
+            name = canonical(request.subclass, request.cmd) if request.class_ == "core" else None
             if name == ("core", "ping"):
                 self.conn.reply(request.tid)
             elif name == ("user", "login"):
@@ -125,23 +123,17 @@ class Session:
             else:
                 raise ApiError(ErrorCode.not_authenticated)
             return
+        logic = self.service.logic
         if request.cmd == "event":  # a client event, of any class (§5.3)
             self.conn.reply(request.tid)
-            self.service.client_event(self, request)
+            seen = logic.client_event(self, request)
+            if inspect.isawaitable(seen):
+                self.service.spawn(self._see_event(request, seen))
             return
-        if not is_core:
-            self.conn.reply(request.tid, self.service.handle_class(self, request))
-            return
-        if name == ("user", "login"):
-            raise ApiError(ErrorCode.already_authenticated)
-        command = COMMANDS.get(name) if name is not None else None
-        if name is None or command is None:
-            raise ApiError(ErrorCode.unknown_command, request.cmd)
-        if not allowed(self.role, command.least_role, permissions=self.service.config.permissions,
-                       user=self.user, action=("core", *name)):
-            raise ApiError(ErrorCode.unauthorized)
-        result = command.handler(self, request)
-        if command.is_async:
+        result = logic.command(self, request)
+        if result is CONTINUE:  # no link answered: a chain without its base
+            raise ApiError(ErrorCode.unknown_class, request.class_)
+        if inspect.isawaitable(result):
             self.service.spawn(self._answer_later(request, result))
         else:
             self.conn.reply(request.tid, result)
@@ -158,7 +150,13 @@ class Session:
             log.exception("request %s/%s failed", request.class_, request.cmd)
             self.conn.reply_error(request.tid, ApiError(ErrorCode.internal_error))
         else:
-            self.conn.reply(request.tid, result)
+            self.conn.reply(request.tid, None if result is CONTINUE else result)
+
+    async def _see_event(self, request: Request, seen: Awaitable[Any]) -> None:
+        try:
+            await seen
+        except Exception:  # already answered ok: nobody else to tell
+            log.exception("client event %s from %s failed", request.class_, self.session_id)
 
     # -- login -------------------------------------------------------------------------------
 
@@ -179,9 +177,10 @@ class Session:
 
     async def _login(self, request: Request, attempt: LoginAttempt) -> None:
         try:
-            decision = await decide(self.service.login_chain, attempt)
+            decided = await settled(self.service.logic.login(attempt))
+            decision = REFUSED if decided is CONTINUE else decided
             if decision.authorized:
-                self._become_session(request, attempt, decision)
+                await self._become_session(request, attempt, decision)
             else:
                 await self._refuse(request, attempt, decision)
         except ApiError as error:
@@ -192,22 +191,25 @@ class Session:
         finally:
             self._run_backlog()
 
-    def _become_session(self, request: Request, attempt: LoginAttempt,
-                        decision: LoginDecision) -> None:
+    async def _become_session(self, request: Request, attempt: LoginAttempt,
+                              decision: LoginDecision) -> None:
         if self.conn.closed:  # gone while the login logic was deciding
             return
+        service = self.service
         user = decision.user or attempt.user
         session_id = decision.session_id or attempt.session_id or str(uuid.uuid4())
-        claim = self.service.claim_session_id(session_id, user)
+        claim = await service.registry.claim(self, user, session_id)
         self.user = user
         self.session_id = session_id
+        if self.conn.closed:  # gone while the id was claimed: registered, so forget it
+            service.registry.ended(self)
+            return
         self.role = decision.role
         self.meta = decision.meta if decision.meta is not None else attempt.meta
         self.login_time = int(time.time() * 1000)
         self.seed_form = request.subclass is None
-        self.service.add(self)
-        events = self.service.events
-        for topic in automatic_topics(self.service.name, user, session_id):
+        events = service.events
+        for topic in automatic_topics(service.name, user, session_id):
             events.subscribe(self, topic)
         for subscription in claim.subscriptions:
             events.subscribe(self, subscription.topic, subscription.body)
@@ -218,7 +220,7 @@ class Session:
         self.conn.reply(request.tid, answer)
         for event in claim.missed_events:  # before anything newer (§3.3)
             self.conn.send_event(event)
-        self._publish_lifecycle("start")
+        service.logic.session_start(self)
 
     async def _refuse(self, request: Request, attempt: LoginAttempt,
                       decision: LoginDecision) -> None:

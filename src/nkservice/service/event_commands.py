@@ -1,19 +1,25 @@
-"""The event commands of PROTOCOL.md §6: subscribe, unsubscribe, get_subscriptions, send,
-and the user and session events."""
+"""The event commands of PROTOCOL.md §6 — subscribe, unsubscribe, get_subscriptions, send,
+and the user and session events — and the automatic subscriptions of §3.2."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from nkservice.errors import ApiError, ErrorCode
-from nkservice.events.bus import automatic_topics
 from nkservice.events.index import WILDCARD, Topic
 from nkservice.protocol.messages import Request
+from nkservice.service.logic import settled
 from nkservice.service.permissions import Role, granted
 from nkservice.service.requests import Command, optional, required, target_service
 
 if TYPE_CHECKING:
     from nkservice.service.session import Session
+
+
+def automatic_topics(service: str, user: str, session_id: str) -> tuple[Topic, Topic]:
+    """What every session is subscribed to from its login (§3.2)."""
+    return (Topic(service, "core", "user_event", WILDCARD, user),
+            Topic(service, "core", "session_event", WILDCARD, session_id))
 
 
 def _name(fields: dict[str, Any], name: str, *, default: str | None = WILDCARD) -> str:
@@ -42,9 +48,24 @@ def subscribe(caller: Session, request: Request) -> Any:
             and topic not in automatic_topics(service.name, caller.user, caller.session_id)
             and not granted(service.config.permissions, caller.user, "core.event.subscribe")):
         raise ApiError(ErrorCode.unauthorized)  # core events are for admins (§4, §5.4)
-    service.authorize_subscription(caller, topic)
-    service.events.subscribe(caller, topic, request.fields.get("body"))
-    return None
+    if (topic not in caller.subscriptions
+            and len(caller.subscriptions) >= service.config.max_subscriptions):
+        raise ApiError(ErrorCode.too_many_subscriptions)
+    body = request.fields.get("body")
+    decided = service.logic.subscribe(caller, topic)  # plugins, Lua, callbacks may refuse
+    if decided is None:
+        service.events.subscribe(caller, topic, body)
+        return None
+    return _subscribe_when_allowed(caller, topic, body, decided)
+
+
+async def _subscribe_when_allowed(caller: Session, topic: Topic, body: Any,
+                                  decided: Any) -> None:
+    await settled(decided)
+    if (topic not in caller.subscriptions
+            and len(caller.subscriptions) >= caller.service.config.max_subscriptions):
+        raise ApiError(ErrorCode.too_many_subscriptions)  # others came while it was decided
+    caller.service.events.subscribe(caller, topic, body)
 
 
 def unsubscribe(caller: Session, request: Request) -> Any:

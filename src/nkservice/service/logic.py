@@ -1,0 +1,127 @@
+"""The service logic chain (PROTOCOL.md §3, §7, §8): who decides what, in order.
+
+A service's logic is a list of links, the top first and the core logic last (the base).
+Each link may take part in any hook — a login, a subscription, a request, a client event,
+a session's start and stop — and for each one either decides or passes to the next link by
+returning `CONTINUE` (the original's `continue`). Callbacks to external apps, Python plugins
+and Lua scripts are links; the base answers what nobody above it decided.
+
+A link answers at once, or returns an awaitable of its answer (which may itself be
+`CONTINUE`: the chain then goes on below that link). When every link of a hook answers at
+once the chain does too, so the core commands cost no task and no await.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from enum import Enum
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
+
+from nkservice.protocol.messages import Request
+
+if TYPE_CHECKING:
+    from nkservice.events.index import Topic
+    from nkservice.service.login import LoginAttempt, LoginDecision
+    from nkservice.service.session import Session
+
+
+class Continue(Enum):
+    CONTINUE = "continue"
+
+
+CONTINUE = Continue.CONTINUE
+T = TypeVar("T")
+Outcome: TypeAlias = T | Continue | Awaitable[T | Continue]
+
+
+class Link:
+    """A link of the chain; every hook passes unless overridden."""
+
+    def login(self, attempt: LoginAttempt) -> Outcome[LoginDecision]:
+        """Decide a login (§3): a `LoginDecision`, or pass."""
+        return CONTINUE
+
+    def subscribe(self, session: Session, topic: Topic) -> Outcome[None]:
+        """Allow a subscription (return None) or refuse it (raise `ApiError`), or pass."""
+        return CONTINUE
+
+    def command(self, session: Session, request: Request) -> Outcome[Any]:
+        """Answer a request of a logged-in session: the ok data, or raise `ApiError`."""
+        return CONTINUE
+
+    def client_event(self, session: Session, request: Request) -> Outcome[None]:
+        """See a client event (§5.3); return None to stop it here, or pass it on."""
+        return CONTINUE
+
+    def session_start(self, session: Session) -> None:
+        """A session has logged in. Every link is told, top first."""
+
+    def session_stop(self, session: Session) -> None:
+        """A logged-in session has ended. Every link is told, top first."""
+
+
+def _overriding(links: Sequence[Link], hook: str) -> tuple[Link, ...]:
+    base = getattr(Link, hook)
+    return tuple(link for link in links if getattr(type(link), hook) is not base)
+
+
+class LogicChain:
+    """A service's links, top first; for each hook only the links that implement it."""
+
+    def __init__(self, links: Sequence[Link]) -> None:
+        self.links = tuple(links)
+        self._login = _overriding(links, "login")
+        self._subscribe = _overriding(links, "subscribe")
+        self._command = _overriding(links, "command")
+        self._client_event = _overriding(links, "client_event")
+        self._start = _overriding(links, "session_start")
+        self._stop = _overriding(links, "session_stop")
+
+    def login(self, attempt: LoginAttempt) -> Outcome[LoginDecision]:
+        return _first(self._login, 0, lambda link: link.login(attempt))
+
+    def subscribe(self, session: Session, topic: Topic) -> Outcome[None]:
+        return _first(self._subscribe, 0, lambda link: link.subscribe(session, topic))
+
+    def command(self, session: Session, request: Request) -> Outcome[Any]:
+        return _first(self._command, 0, lambda link: link.command(session, request))
+
+    def client_event(self, session: Session, request: Request) -> Outcome[None]:
+        return _first(self._client_event, 0, lambda link: link.client_event(session, request))
+
+    def session_start(self, session: Session) -> None:
+        for link in self._start:
+            link.session_start(session)
+
+    def session_stop(self, session: Session) -> None:
+        for link in self._stop:
+            link.session_stop(session)
+
+
+def _first(links: tuple[Link, ...], start: int, call: Callable[[Link], Outcome[T]]
+           ) -> Outcome[T]:
+    """The first decision from `links[start:]`, at once or as an awaitable."""
+    for index in range(start, len(links)):
+        outcome = call(links[index])
+        if outcome is CONTINUE:
+            continue
+        if inspect.isawaitable(outcome):
+            return _settle(links, index + 1, call, outcome)
+        return outcome
+    return CONTINUE
+
+
+async def _settle(links: tuple[Link, ...], start: int, call: Callable[[Link], Outcome[T]],
+                  pending: Awaitable[T | Continue]) -> T | Continue:
+    outcome = await pending
+    if outcome is not CONTINUE:
+        return outcome
+    return await settled(_first(links, start, call))
+
+
+async def settled(outcome: Outcome[T]) -> T | Continue:
+    """An outcome, awaited if need be."""
+    if inspect.isawaitable(outcome):
+        return cast("T | Continue", await outcome)
+    return outcome
