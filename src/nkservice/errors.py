@@ -1,8 +1,12 @@
-"""The error codes of PROTOCOL.md §10 and the exception that carries one.
+"""The error codes of PROTOCOL.md §10 and the exceptions nkservice raises on purpose.
 
-Every failure that reaches a peer is an `ApiError`: a numeric code, the code's name and a
-human text. Code that refuses a request raises `ApiError(...)`; the connection layer turns it
-into `{"result": "error", "tid": ..., "data": {"code": ..., "error": ...}}`.
+One root, `NkServiceError`, and below it who is at fault:
+- `ClientError`: the peer's bytes (not JSON, not a message, too large);
+- `ConfigError`: the configuration (a file, or later a service definition sent over the API);
+- `ServerError`: the server itself or what it depends on;
+- `ApiError`: a refusal to send to the peer as an error response, whoever is at fault: a
+  numeric code, the code's name and a human text. The connection layer turns it into
+  `{"result": "error", "tid": ..., "data": {"code": ..., "error": ...}}`.
 """
 
 from __future__ import annotations
@@ -56,7 +60,23 @@ class ErrorCode(Enum):
 _BY_CODE = {member.code: member for member in ErrorCode}
 
 
-class ApiError(Exception):
+class NkServiceError(Exception):
+    """The root of every error nkservice raises on purpose."""
+
+
+class ClientError(NkServiceError):
+    """What the peer sent is at fault."""
+
+
+class ConfigError(NkServiceError, ValueError):
+    """The configuration is at fault; the text names the key."""
+
+
+class ServerError(NkServiceError):
+    """The server, or a service it depends on, failed."""
+
+
+class ApiError(NkServiceError):
     """A refusal to send to the peer as an error response.
 
     `detail` fills the text's placeholder (`missing_field` → "Missing field: user") or, for

@@ -8,17 +8,19 @@ import ssl
 from collections import defaultdict
 from dataclasses import dataclass
 
+from nkservice.errors import ConfigError
 from nkservice.events.bus import Bus, LocalBus
 from nkservice.events.fanout import Events
 from nkservice.service.config import (
-    ConfigError,
     Credentials,
     ListenUrl,
     NodeConfig,
     ServiceConfig,
     TlsConfig,
+    config_warnings,
 )
-from nkservice.service.registry import LocalSessionRegistry, SessionRegistry
+from nkservice.service.contracts import SessionRegistry
+from nkservice.service.registry import LocalSessionRegistry
 from nkservice.service.service import Service
 from nkservice.transport.listener import listen
 
@@ -65,6 +67,8 @@ class Node:
         if self.config.uses_default_password:
             log.warning("the global admin logs in with the default password (admin/admin): "
                         "for local use only; set [admin] in the config file")
+        for warning in config_warnings(self.config):
+            log.warning("%s", warning)
         definitions = [self.config.core, *self.config.services.values()]
         ports = {d.name: _ports_of(d) for d in definitions}
         _check_no_port_shared(ports)
@@ -78,7 +82,8 @@ class Node:
     async def start_service(self, definition: ServiceConfig, ports: list[_Port]) -> None:
         service = Service(definition, self)
         self.services[definition.name] = service
-        tls = _tls_context(definition.tls) if any(p.secure for p in ports) else None
+        tls = (_tls_context(definition.name, definition.tls) if any(p.secure for p in ports)
+               else None)
         servers = self._servers.setdefault(definition.name, [])
         for port in ports:
             server = await listen(
@@ -139,16 +144,17 @@ def _check_no_port_shared(ports: dict[str, list[_Port]]) -> None:
             owner[key] = service
 
 
-def _tls_context(tls: TlsConfig) -> ssl.SSLContext:
+def _tls_context(service: str, tls: TlsConfig) -> ssl.SSLContext:
+    where = "core" if service == "core" else f"services.{service}"
     if not tls.certfile:
-        raise ConfigError("tls and wss URLs need tls.certfile (and tls.keyfile)")
+        raise ConfigError(f"{where}: tls and wss URLs need tls.certfile (and tls.keyfile)")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(tls.certfile, tls.keyfile or None)
         if tls.cafile:
             context.load_verify_locations(tls.cafile)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"tls: {exc}") from exc
+        raise ConfigError(f"{where}.tls: {exc}") from exc
     if tls.verify_client:
         context.verify_mode = ssl.CERT_REQUIRED
     return context

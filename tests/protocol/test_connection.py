@@ -315,7 +315,8 @@ def test_the_outgoing_queue_bounds_a_slow_consumer_not_unanswered_events() -> No
         rig.conn.send_event(b'{"class":"media"}')
     assert rig.wire.closed_because is None
     rig.conn.send_event(b'{"class":"media"}')  # a fourth message queued
-    assert (rig.wire.closed_because, rig.wire.close_code) == ("slow consumer", 1008)
+    assert rig.wire.closed_because == "slow consumer"
+    assert rig.wire.close_code == 1008
 
 
 def test_too_many_queued_bytes_is_a_slow_consumer() -> None:

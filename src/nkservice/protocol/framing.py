@@ -8,9 +8,11 @@ cannot be trusted after that, so the caller answers and closes).
 
 from __future__ import annotations
 
+from nkservice.errors import ClientError
 
-class MessageTooLarge(Exception):
-    pass
+
+class MessageTooLarge(ClientError):
+    """A message over `max_message_size`."""
 
 
 class LineFramer:

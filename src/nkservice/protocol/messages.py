@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from nkservice.errors import ApiError, ErrorCode
+from nkservice.errors import ApiError, ClientError, ErrorCode
 
 Tid = int | str
 JsonObject = dict[str, Any]
@@ -50,7 +50,7 @@ class Ack:
 Message = Request | Response | Ack
 
 
-class BadMessage(Exception):
+class BadMessage(ClientError):
     """Input that is not a message: answered with `error` and `tid` (None → JSON null)."""
 
     def __init__(self, error: ErrorCode, tid: Tid | None = None) -> None:

@@ -8,15 +8,13 @@ mapped to these keys by `protocol.names`.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nkservice.errors import ApiError, ErrorCode
 from nkservice.protocol.messages import Request
+from nkservice.service.contracts import Caller
 from nkservice.service.permissions import Role
 from nkservice.service.requests import Command, optional, required, target_service
-
-if TYPE_CHECKING:
-    from nkservice.service.session import Session
 
 session_log = logging.getLogger("nkservice.session")
 
@@ -25,16 +23,16 @@ _LOG_LEVELS = {1: logging.CRITICAL, 2: logging.CRITICAL, 3: logging.ERROR, 4: lo
                5: logging.INFO, 6: logging.INFO, 7: logging.DEBUG}
 
 
-def ping(caller: Session, request: Request) -> Any:
+def ping(caller: Caller, request: Request) -> Any:
     return None
 
 
-async def list_users(caller: Session, request: Request) -> Any:
+async def list_users(caller: Caller, request: Request) -> Any:
     service = target_service(caller, request.fields)
     return await service.registry.users(service.name)
 
 
-async def get_user(caller: Session, request: Request) -> Any:
+async def get_user(caller: Caller, request: Request) -> Any:
     fields = request.fields
     user = required(fields, "user", str)
     service = target_service(caller, fields)
@@ -44,7 +42,7 @@ async def get_user(caller: Session, request: Request) -> Any:
     return {session_id: info.describe() for session_id, info in sessions.items()}
 
 
-async def stop_session(caller: Session, request: Request) -> Any:
+async def stop_session(caller: Caller, request: Request) -> Any:
     fields = request.fields
     session_id = required(fields, "session_id", str)
     service = target_service(caller, fields)
@@ -52,7 +50,7 @@ async def stop_session(caller: Session, request: Request) -> Any:
     return {"user": user}
 
 
-async def session_cmd(caller: Session, request: Request) -> Any:
+async def session_cmd(caller: Caller, request: Request) -> Any:
     """Forward a request to another session and pass its answer (or error) back."""
     fields = request.fields
     session_id = required(fields, "session_id", str)
@@ -69,7 +67,7 @@ async def session_cmd(caller: Session, request: Request) -> Any:
     raise response.error()
 
 
-def log_message(caller: Session, request: Request) -> Any:
+def log_message(caller: Caller, request: Request) -> Any:
     fields = request.fields
     source = required(fields, "source", str)
     message = required(fields, "message", str)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from nkservice.errors import ConfigError
 from nkservice.protocol.connection import Limits
 
 DEFAULT_ADMIN = ("admin", "admin")
@@ -24,10 +25,6 @@ SCHEMES = tuple(DEFAULT_PORTS)
 
 T = TypeVar("T")
 N = TypeVar("N", int, float)
-
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,10 +112,43 @@ def load_config(path: Path | None) -> NodeConfig:
     return parse_node_config(table, path.parent)
 
 
+# Keys that belong to features still to come: refused rather than silently ignored, since
+# a node that ignored `plugins` (say, an authorization plugin) would run wide open.
+NOT_YET = {
+    "plugins": "plugins are not available yet",
+    "script": "Lua scripts are not available yet",
+    "script_code": "Lua scripts are not available yet",
+    "cluster": "clustering is not available yet",
+}
+
+
+def _refuse_not_yet(table: dict[str, Any], where: str) -> None:
+    for key, why in NOT_YET.items():
+        if table.get(key):
+            raise ConfigError(f"{where}{key}: {why}; remove the key (or leave it empty)")
+
+
+def config_warnings(config: NodeConfig) -> list[str]:
+    """What is accepted but probably not what the operator meant, to log at start."""
+    warnings = []
+    if config.workers > 1:
+        warnings.append(f"node.workers = {config.workers}: several workers need the cluster "
+                        "bus, which is not available yet; running one worker")
+    for service in (config.core, *config.services.values()):
+        where = "core" if service.name == "core" else f"services.{service.name}"
+        if not service.listen:
+            warnings.append(f"{where}.listen is empty: nobody can connect to this service")
+        if service.gelf.host:
+            warnings.append(f"{where}.gelf: GELF output is not available yet; session "
+                            "log messages go to the node's log")
+    return warnings
+
+
 def parse_node_config(table: dict[str, Any], base_dir: Path) -> NodeConfig:
     _known(table, "", {"node", "admin", "core", "services"})
     node = _table(table, "node")
     _known(node, "node.", {"data_dir", "workers", "cluster"})
+    _refuse_not_yet(node, "node.")
     admin = _table(table, "admin")
     _known(admin, "admin.", {"user", "password"})
     core = {"listen": list(DEFAULT_CORE_LISTEN), **_table(table, "core")}
@@ -153,6 +183,7 @@ def parse_service(name: str, table: dict[str, Any], base_dir: Path, *, where: st
                   origin: str = "config") -> ServiceConfig:
     """A service definition from a TOML table or a `create_service` JSON object."""
     _known(table, where, _SERVICE_KEYS)
+    _refuse_not_yet(table, where)
     listen = _get(table, f"{where}listen", list, [])
     admin = table.get("admin")
     if admin is not None:
@@ -260,5 +291,11 @@ def _number(table: dict[str, Any], key: str, kind: type[N], default: N) -> N:
 
 
 def _path(table: dict[str, Any], key: str, base_dir: Path) -> str:
+    """A file the node will read: it must be there (named in full when it is not)."""
     value = _get(table, key, str, "")
-    return str(base_dir / value) if value else ""
+    if not value:
+        return ""
+    path = base_dir / value
+    if not path.is_file():
+        raise ConfigError(f"{key}: no such file: {path}")
+    return str(path)

@@ -3,17 +3,15 @@ and the user and session events — and the automatic subscriptions of §3.2."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nkservice.errors import ApiError, ErrorCode
 from nkservice.events.index import WILDCARD, Topic
 from nkservice.protocol.messages import Request
+from nkservice.service.contracts import Caller
 from nkservice.service.logic import settled
 from nkservice.service.permissions import Role, granted
 from nkservice.service.requests import Command, optional, required, target_service
-
-if TYPE_CHECKING:
-    from nkservice.service.session import Session
 
 
 def automatic_topics(service: str, user: str, session_id: str) -> tuple[Topic, Topic]:
@@ -30,7 +28,7 @@ def _name(fields: dict[str, Any], name: str, *, default: str | None = WILDCARD) 
     return value
 
 
-def topic_of(caller: Session, fields: dict[str, Any]) -> Topic:
+def topic_of(caller: Caller, fields: dict[str, Any]) -> Topic:
     """The event keys of a request: `class`*, `subclass` (or the seed's `obj`), `type`,
     `obj_id` (each `*` when left out), in the caller's service or, for the admin, `service`."""
     subclass_field = "subclass" if fields.get("subclass") is not None else "obj"
@@ -41,7 +39,7 @@ def topic_of(caller: Session, fields: dict[str, Any]) -> Topic:
                  obj_id=_name(fields, "obj_id"))
 
 
-def subscribe(caller: Session, request: Request) -> Any:
+def subscribe(caller: Caller, request: Request) -> Any:
     topic = topic_of(caller, request.fields)
     service = caller.service
     if (topic.class_ == "core" and caller.role is Role.user
@@ -59,7 +57,7 @@ def subscribe(caller: Session, request: Request) -> Any:
     return _subscribe_when_allowed(caller, topic, body, decided)
 
 
-async def _subscribe_when_allowed(caller: Session, topic: Topic, body: Any,
+async def _subscribe_when_allowed(caller: Caller, topic: Topic, body: Any,
                                   decided: Any) -> None:
     await settled(decided)
     if (topic not in caller.subscriptions
@@ -68,12 +66,12 @@ async def _subscribe_when_allowed(caller: Session, topic: Topic, body: Any,
     caller.service.events.subscribe(caller, topic, body)
 
 
-def unsubscribe(caller: Session, request: Request) -> Any:
+def unsubscribe(caller: Caller, request: Request) -> Any:
     caller.service.events.unsubscribe(caller, topic_of(caller, request.fields))
     return None
 
 
-def get_subscriptions(caller: Session, request: Request) -> Any:
+def get_subscriptions(caller: Caller, request: Request) -> Any:
     return [
         {"class": topic.class_, "subclass": topic.subclass, "type": topic.type,
          "obj_id": topic.obj_id, "service": topic.service,
@@ -82,24 +80,24 @@ def get_subscriptions(caller: Session, request: Request) -> Any:
     ]
 
 
-def send(caller: Session, request: Request) -> Any:
+def send(caller: Caller, request: Request) -> Any:
     caller.service.events.publish(topic_of(caller, request.fields), request.fields.get("body"))
     return None
 
 
-def _send_to(caller: Session, fields: dict[str, Any], subclass: str, id_field: str) -> None:
+def _send_to(caller: Caller, fields: dict[str, Any], subclass: str, id_field: str) -> None:
     """Publish `core/<subclass>/<type>/<the id>`: what an automatic subscription receives."""
     topic = Topic(target_service(caller, fields).name, "core", subclass,
                   _name(fields, "type"), _name(fields, id_field, default=None))
     caller.service.events.publish(topic, fields.get("body"))
 
 
-def send_user_event(caller: Session, request: Request) -> Any:
+def send_user_event(caller: Caller, request: Request) -> Any:
     _send_to(caller, request.fields, "user_event", "user")
     return None
 
 
-def send_session_event(caller: Session, request: Request) -> Any:
+def send_session_event(caller: Caller, request: Request) -> Any:
     _send_to(caller, request.fields, "session_event", "session_id")
     return None
 

@@ -15,51 +15,42 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
-from enum import Enum
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
+from typing import Any, TypeVar, cast
 
+from nkservice.events.index import Topic
 from nkservice.protocol.messages import Request
+from nkservice.service.contracts import (
+    CONTINUE,
+    Caller,
+    Continue,
+    LoginAttempt,
+    LoginDecision,
+    Outcome,
+)
 
-if TYPE_CHECKING:
-    from nkservice.events.index import Topic
-    from nkservice.service.login import LoginAttempt, LoginDecision
-    from nkservice.service.session import Session
-
-
-class Continue(Enum):
-    CONTINUE = "continue"
-
-
-CONTINUE = Continue.CONTINUE
 T = TypeVar("T")
-Outcome: TypeAlias = T | Continue | Awaitable[T | Continue]
 
 
 class Link:
-    """A link of the chain; every hook passes unless overridden."""
+    """A link of the chain (a `Logic`); every hook passes unless overridden."""
 
     def login(self, attempt: LoginAttempt) -> Outcome[LoginDecision]:
-        """Decide a login (§3): a `LoginDecision`, or pass."""
         return CONTINUE
 
-    def subscribe(self, session: Session, topic: Topic) -> Outcome[None]:
-        """Allow a subscription (return None) or refuse it (raise `ApiError`), or pass."""
+    def subscribe(self, caller: Caller, topic: Topic) -> Outcome[None]:
         return CONTINUE
 
-    def command(self, session: Session, request: Request) -> Outcome[Any]:
-        """Answer a request of a logged-in session: the ok data, or raise `ApiError`."""
+    def command(self, caller: Caller, request: Request) -> Outcome[Any]:
         return CONTINUE
 
-    def client_event(self, session: Session, request: Request) -> Outcome[None]:
-        """See a client event (§5.3); return None to stop it here, or pass it on."""
+    def client_event(self, caller: Caller, request: Request) -> Outcome[None]:
         return CONTINUE
 
-    def session_start(self, session: Session) -> None:
-        """A session has logged in. Every link is told, top first."""
+    def session_start(self, caller: Caller) -> None:
+        """Every link is told, top first."""
 
-    def session_stop(self, session: Session) -> None:
-        """A logged-in session has ended. Every link is told, top first."""
-
+    def session_stop(self, caller: Caller) -> None:
+        """Every link is told, top first."""
 
 def _overriding(links: Sequence[Link], hook: str) -> tuple[Link, ...]:
     base = getattr(Link, hook)
@@ -81,22 +72,22 @@ class LogicChain:
     def login(self, attempt: LoginAttempt) -> Outcome[LoginDecision]:
         return _first(self._login, 0, lambda link: link.login(attempt))
 
-    def subscribe(self, session: Session, topic: Topic) -> Outcome[None]:
-        return _first(self._subscribe, 0, lambda link: link.subscribe(session, topic))
+    def subscribe(self, caller: Caller, topic: Topic) -> Outcome[None]:
+        return _first(self._subscribe, 0, lambda link: link.subscribe(caller, topic))
 
-    def command(self, session: Session, request: Request) -> Outcome[Any]:
-        return _first(self._command, 0, lambda link: link.command(session, request))
+    def command(self, caller: Caller, request: Request) -> Outcome[Any]:
+        return _first(self._command, 0, lambda link: link.command(caller, request))
 
-    def client_event(self, session: Session, request: Request) -> Outcome[None]:
-        return _first(self._client_event, 0, lambda link: link.client_event(session, request))
+    def client_event(self, caller: Caller, request: Request) -> Outcome[None]:
+        return _first(self._client_event, 0, lambda link: link.client_event(caller, request))
 
-    def session_start(self, session: Session) -> None:
+    def session_start(self, caller: Caller) -> None:
         for link in self._start:
-            link.session_start(session)
+            link.session_start(caller)
 
-    def session_stop(self, session: Session) -> None:
+    def session_stop(self, caller: Caller) -> None:
         for link in self._stop:
-            link.session_stop(session)
+            link.session_stop(caller)
 
 
 def _first(links: tuple[Link, ...], start: int, call: Callable[[Link], Outcome[T]]

@@ -11,37 +11,12 @@ but not the password notes it on the attempt, so the final refusal can say
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
-from typing import Any
 
 from nkservice.service.config import Credentials
-from nkservice.service.logic import CONTINUE, Continue, Link
+from nkservice.service.contracts import CONTINUE, Continue, LoginAttempt, LoginDecision
+from nkservice.service.logic import Link
 from nkservice.service.passwords import verify_password
 from nkservice.service.permissions import Role
-
-
-@dataclass(slots=True)
-class LoginAttempt:
-    service: str
-    user: str
-    password: Any
-    meta: Any
-    session_id: str | None
-    transport: str
-    remote: str
-    password_mismatch: bool = False
-
-
-@dataclass(slots=True)
-class LoginDecision:
-    authorized: bool
-    role: Role = Role.user
-    user: str | None = None  # the login logic may rename the user…
-    session_id: str | None = None  # …or choose the session id (the seed's "recovery")
-    meta: Any = None
-    data: dict[str, Any] = field(default_factory=dict)  # merged into the ok answer
-    reason: str | None = None
-
 
 REFUSED = LoginDecision(False)
 

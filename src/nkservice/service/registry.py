@@ -1,11 +1,7 @@
-"""The session registry (PROTOCOL.md §3.1, §3.3, §6): which sessions exist, and reaching them.
+"""The session registry of one process (PROTOCOL.md §3.1, §3.3, §6).
 
-`SessionRegistry` is the seam the core commands use for every session they do not hold
-themselves: claim an id at login (take over the same user's session, resume a parked one,
-refuse another user's), find one, list a service's users and their sessions, stop one, send
-one a request and await its answer. It is async because in a cluster the session may live
-in another process. `LocalSessionRegistry` is the single-process implementation; it also
-parks sessions for resuming (§3.3).
+`LocalSessionRegistry` is the single-process `SessionRegistry` (see `contracts.py`): the
+sessions of every service by id and by user, and the sessions parked for resuming (§3.3).
 """
 
 from __future__ import annotations
@@ -13,78 +9,34 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from nkservice.errors import ApiError, ErrorCode
 from nkservice.events.fanout import Events
 from nkservice.events.index import Subscription
 from nkservice.protocol.messages import Response
-from nkservice.service.resume import Claim, ParkedSession
+from nkservice.service.contracts import Caller, Claim, SessionInfo
+from nkservice.service.resume import ParkedSession
 from nkservice.service.waiters import FutureWaiter
-
-if TYPE_CHECKING:
-    from nkservice.service.session import Session
-
-
-@dataclass(frozen=True, slots=True)
-class SessionInfo:
-    """What `user`/`get` shows of a session (§6)."""
-
-    session_id: str
-    user: str
-    remote: str
-    transport: str
-    meta: Any
-    login_time: int
-
-    def describe(self) -> dict[str, Any]:
-        return {"remote": self.remote, "transport": self.transport, "meta": self.meta,
-                "login_time": self.login_time}
-
-
-class SessionRegistry(Protocol):
-    async def claim(self, session: Session, user: str, session_id: str) -> Claim:
-        """Register a session that logs in as `user` under `session_id` (§3.3): a live
-        session of the same user is replaced, a parked one resumed (the claim carries what
-        they leave to it); another user's id raises `duplicated_session_id`."""
-
-    def ended(self, session: Session) -> None:
-        """A session closed: forget it, or park it for resuming."""
-
-    async def find(self, service: str, session_id: str) -> SessionInfo | None: ...
-
-    async def users(self, service: str) -> dict[str, list[str]]:
-        """Each user of the service with the ids of its live sessions."""
-
-    async def sessions_of(self, service: str, user: str) -> dict[str, SessionInfo]: ...
-
-    async def stop(self, service: str, session_id: str, reason: str) -> str:
-        """Stop a session (just after the caller's answer is sent); returns its user."""
-
-    async def request(self, service: str, session_id: str, class_: str, cmd: str, data: Any,
-                      *, subclass: str | None, on_ack: Callable[[], None],
-                      timeout: float | None) -> Response:
-        """Send a session a request and return its answer; each ack calls `on_ack`."""
-
-    def forget_service(self, service: str) -> None:
-        """The service stopped: drop what it parked."""
 
 
 @dataclass(slots=True)
 class _Book:
     """One service's sessions."""
 
-    sessions: dict[str, Session] = field(default_factory=dict)
-    users: dict[str, dict[str, Session]] = field(default_factory=dict)
+    sessions: dict[str, Caller] = field(default_factory=dict)
+    users: dict[str, dict[str, Caller]] = field(default_factory=dict)
     parked: dict[str, ParkedSession] = field(default_factory=dict)
 
 
-def _info(session: Session) -> SessionInfo:
+def _info(session: Caller) -> SessionInfo:
     return SessionInfo(session.session_id, session.user, session.remote, session.transport,
                        session.meta, session.login_time)
 
 
 class LocalSessionRegistry:
+    """Implements `contracts.SessionRegistry`."""
+
     def __init__(self, events: Events) -> None:
         self._events = events
         self._books: dict[str, _Book] = {}
@@ -95,7 +47,7 @@ class LocalSessionRegistry:
             book = self._books[service] = _Book()
         return book
 
-    def _live(self, service: str, session_id: str) -> Session:
+    def _live(self, service: str, session_id: str) -> Caller:
         found = self._book(service).sessions.get(session_id)
         if found is None:
             raise ApiError(ErrorCode.session_not_found)
@@ -103,7 +55,7 @@ class LocalSessionRegistry:
 
     # -- logging in and out ----------------------------------------------------------------
 
-    async def claim(self, session: Session, user: str, session_id: str) -> Claim:
+    async def claim(self, session: Caller, user: str, session_id: str) -> Claim:
         book = self._book(session.service.name)
         holder = book.sessions.get(session_id)
         if holder is not None:
@@ -123,7 +75,7 @@ class LocalSessionRegistry:
         book.users.setdefault(user, {})[session_id] = session
         return claim
 
-    def ended(self, session: Session) -> None:
+    def ended(self, session: Caller) -> None:
         """Forget it; park it when its service resumes sessions and its connection ended it
         (not the server: a stop, a replacement, a shutdown are final)."""
         book = self._book(session.service.name)
@@ -159,6 +111,10 @@ class LocalSessionRegistry:
         if book is not None:
             for session_id in list(book.parked):
                 self._unpark(book, session_id)
+
+    def parked(self, service: str) -> list[str]:
+        """The ids of the sessions parked for resuming."""
+        return list(self._book(service).parked)
 
     # -- reaching sessions -----------------------------------------------------------------
 

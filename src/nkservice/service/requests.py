@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from nkservice.errors import ApiError, ErrorCode
 from nkservice.protocol.messages import Request
+from nkservice.service.contracts import Caller, ServiceContext
 from nkservice.service.permissions import Role
-
-if TYPE_CHECKING:
-    from nkservice.service.service import Service
-    from nkservice.service.session import Session
 
 T = TypeVar("T")
 
@@ -23,7 +20,7 @@ class Command:
     reply's `data`, or an awaitable of it (answered when it finishes), or raises `ApiError`;
     and the least role that may run it (PROTOCOL.md §4)."""
 
-    handler: Callable[[Session, Request], Any]
+    handler: Callable[[Caller, Request], Any]
     least_role: Role
 
 
@@ -48,7 +45,7 @@ def optional(fields: dict[str, Any], name: str, kind: type[T], default: T) -> T:
     return default if value is None else _of_type(value, name, kind)
 
 
-def target_service(caller: Session, fields: dict[str, Any]) -> Service:
+def target_service(caller: Caller, fields: dict[str, Any]) -> ServiceContext:
     """The service a command acts on: the caller's, or for the admin the one it names."""
     name = optional(fields, "service", str, caller.service.name)
     if name == caller.service.name:

@@ -1,20 +1,16 @@
 """Resuming a session (PROTOCOL.md §3.3): a session that ends while its service has a
 `resume_window` is parked. The parked record keeps the session's subscriptions in the
 index and buffers the events they match (the newest `resume_buffer`), until a login of the
-same user with the same session id takes them over, or the window passes.
+same user with the same session id takes them over (a `Claim`), or the window passes.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from nkservice.events.index import Subscription, Topic
-
-if TYPE_CHECKING:
-    from nkservice.service.session import Session
+from nkservice.service.contracts import Caller
 
 
 class ParkedSession:
@@ -23,7 +19,7 @@ class ParkedSession:
     __slots__ = ("buffer", "expiry", "home", "seed_form", "session_id", "subscriptions",
                  "user")
 
-    def __init__(self, session: Session, buffer_size: int) -> None:
+    def __init__(self, session: Caller, buffer_size: int) -> None:
         self.home = session.home
         self.user = session.user
         self.session_id = session.session_id
@@ -35,11 +31,3 @@ class ParkedSession:
     def deliver(self, data: bytes) -> None:
         self.buffer.append(data)
 
-
-@dataclass(slots=True)
-class Claim:
-    """What a login with a chosen session id takes over (see `SessionRegistry.claim`)."""
-
-    subscriptions: list[Subscription] = field(default_factory=list)
-    missed_events: list[bytes] = field(default_factory=list)
-    resumed: bool = False

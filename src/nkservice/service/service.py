@@ -10,36 +10,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Protocol
+from typing import Any
 
-from nkservice.events.fanout import Events
 from nkservice.protocol.connection import CloseCode, Connection, Wire
-from nkservice.service.config import Credentials, ServiceConfig
+from nkservice.service.config import ServiceConfig
+from nkservice.service.contracts import Caller, Directory
 from nkservice.service.core_logic import CoreLogic
-from nkservice.service.login import StaticUsersLogin, administrators
 from nkservice.service.logic import Link, LogicChain
-from nkservice.service.registry import SessionRegistry
+from nkservice.service.login import StaticUsersLogin, administrators
 from nkservice.service.session import Session
 
 log = logging.getLogger(__name__)
 
 
-class Directory(Protocol):
-    """What a service needs from its node."""
-
-    @property
-    def admin(self) -> Credentials: ...
-
-    @property
-    def events(self) -> Events: ...
-
-    @property
-    def registry(self) -> SessionRegistry: ...
-
-    def find_service(self, name: str) -> Service | None: ...
-
-
 class Service:
+    """A `ServiceContext` to its sessions, commands and links."""
+
     def __init__(self, config: ServiceConfig, directory: Directory,
                  logic: Sequence[Link] = ()) -> None:
         """`logic`: the links between the administrators and the static users (plugins,
@@ -54,7 +40,7 @@ class Service:
         if not is_core:
             links.append(StaticUsersLogin(config.users))
         self.logic = LogicChain([*links, CoreLogic()])
-        self.connections: set[Session] = set()  # logged in or not, for shutdown
+        self.connections: set[Caller] = set()  # logged in or not, for shutdown
         self._tasks: set[asyncio.Task[None]] = set()
 
     def accept(self, wire: Wire, clock: Callable[[], float], transport: str, host: str,
@@ -63,6 +49,12 @@ class Service:
         session = Session(self, wire, clock, transport, f"{transport}:{host}:{port}")
         self.connections.add(session)
         return session.conn
+
+    def closed(self, caller: Caller) -> None:
+        self.connections.discard(caller)
+        if caller.session_id:  # it had logged in
+            self.registry.ended(caller)
+            self.logic.session_stop(caller)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -16,21 +16,19 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nkservice.errors import ApiError, ErrorCode
 from nkservice.events.index import Subscription, Topic
 from nkservice.protocol.connection import CloseCode, Connection, Wire
 from nkservice.protocol.messages import Request
 from nkservice.protocol.names import canonical
+from nkservice.service.contracts import CONTINUE, LoginAttempt, LoginDecision, ServiceContext
 from nkservice.service.event_commands import automatic_topics
-from nkservice.service.login import REFUSED, LoginAttempt, LoginDecision
-from nkservice.service.logic import CONTINUE, settled
+from nkservice.service.logic import settled
+from nkservice.service.login import REFUSED
 from nkservice.service.permissions import Role
 from nkservice.service.requests import optional
-
-if TYPE_CHECKING:
-    from nkservice.service.service import Service
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +55,7 @@ class Session:
         "user",
     )
 
-    def __init__(self, service: Service, wire: Wire, clock: Callable[[], float],
+    def __init__(self, service: ServiceContext, wire: Wire, clock: Callable[[], float],
                  transport: str, remote: str) -> None:
         self.service = service
         self.transport = transport
@@ -105,11 +103,7 @@ class Session:
             self.conn.reply_error(request.tid, ApiError(ErrorCode.internal_error))
 
     def on_closed(self) -> None:
-        service = self.service
-        service.connections.discard(self)
-        if self.logged_in:
-            service.registry.ended(self)
-            service.logic.session_stop(self)
+        self.service.closed(self)
 
     # -- routing ---------------------------------------------------------------------------
 

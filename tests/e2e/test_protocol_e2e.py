@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from nkservice.node import Node
+from nkservice.service.passwords import hash_password
 from tests.conftest import NodeFactory, PeerFactory
 from tests.wire import Closed, Peer
 
@@ -475,3 +476,31 @@ async def test_bad_input_does_not_affect_other_connections(
         for _ in range(4):
             await noisy.recv()
     assert (await calm.request("core", "ping"))["result"] == "ok"
+
+
+async def test_hashed_password_checks_do_not_stall_other_connections(
+        make_node: NodeFactory, connect: PeerFactory, transport: str) -> None:
+    """Each scrypt check costs tens of ms of CPU; on the event loop, 24 of them would hold
+    every other connection for about a second."""
+    if transport != "tcp":
+        pytest.skip("the event loop is the same whatever the transport")
+    node = await make_node(demo={"users": {"alice": hash_password("right")}})
+    bystander = await connect(node, "demo", transport)
+    attackers = [await connect(node, "demo", transport) for _ in range(6)]
+    for n, attacker in enumerate(attackers):
+        for k in range(4):  # four each: the fifth failure would close the connection
+            await attacker.send({"class": "core", "cmd": "login", "tid": n * 10 + k,
+                                 "data": {"user": "alice", "password": "wrong"}})
+    answered = asyncio.gather(*(_answers(attacker, 4) for attacker in attackers))
+    loop = asyncio.get_running_loop()
+    worst = 0.0
+    while not answered.done():
+        started = loop.time()
+        assert (await bystander.request("core", "ping"))["result"] == "ok"
+        worst = max(worst, loop.time() - started)
+    assert all(code == 100038 for codes in await answered for code in codes)
+    assert worst < 0.1, f"a ping waited {worst * 1000:.0f} ms"
+
+
+async def _answers(peer: Peer, count: int) -> list[object]:
+    return [error_code(await peer.recv(timeout=30)) for _ in range(count)]

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from nkservice.node import Node
+from nkservice.service.registry import LocalSessionRegistry
 from tests.conftest import NodeFactory, PeerFactory
-from tests.test_protocol import error_code
+from tests.e2e.test_protocol_e2e import error_code
 from tests.wire import Closed, Peer
 
 pytestmark = pytest.mark.usefixtures("transport")
@@ -183,7 +184,8 @@ async def test_the_sender_gets_its_own_events_in_order(pair: tuple[Node, Peer, P
     for n in range(20):
         await admin.send({"class": "core", "cmd": "send_event", "tid": f"s{n}",
                           "data": {"class": "chat", "body": {"n": n}}})
-    answers, events = [], []
+    answers: list[str] = []
+    events: list[int] = []
     while len(answers) < 20 or len(events) < 20:
         message = await admin.recv()
         if "result" in message:
@@ -284,7 +286,7 @@ async def test_user_and_session_events(make_node: NodeFactory, connect: PeerFact
 async def test_automatic_subscriptions_are_listed_and_removable(
         pair: tuple[Node, Peer, Peer]) -> None:
     node, alice, admin = pair
-    alice_id = next(iter(node.registry._book("demo").users["alice"]))
+    alice_id = (await node.registry.users("demo"))["alice"][0]
     listed = await ok(alice, "get_subscriptions")
     assert listed == [
         {"class": "core", "subclass": "user_event", "type": "*", "obj_id": "alice",
@@ -464,7 +466,26 @@ async def test_a_consumer_that_stops_reading_is_cut_off_and_told_why(
             "code": 100081, "error": "Connection closed: slow consumer"}}
 
 
+async def test_a_session_holds_at_most_max_subscriptions(
+        make_node: NodeFactory, connect: PeerFactory, transport: str) -> None:
+    node = await make_node(demo={"max_subscriptions": 5})
+    alice, _ = await user(connect, node, transport, "alice", "pw1")  # 2 automatic ones
+    for n in range(3):
+        await ok(alice, "subscribe", {"class": "media", "obj_id": str(n)})
+    refused = await alice.request("core", "subscribe", {"class": "media", "obj_id": "3"})
+    assert refused["data"] == {"code": 100080, "error": "Too many subscriptions"}
+    await ok(alice, "subscribe", {"class": "media", "obj_id": "2", "body": {"b": 1}})  # same key
+    assert len(await ok(alice, "get_subscriptions")) == 5
+    await ok(alice, "unsubscribe", {"class": "media", "obj_id": "0"})
+    await ok(alice, "subscribe", {"class": "media", "obj_id": "3"})
+
+
 # -- resuming a session (§3.3) --------------------------------------------------------------------
+
+def parked(node: Node, service: str) -> list[str]:
+    assert isinstance(node.registry, LocalSessionRegistry)
+    return node.registry.parked(service)
+
 
 async def gone(admin: Peer, user_name: str) -> None:
     """Until the server has seen `user_name`'s connection close (bounded)."""
@@ -515,7 +536,7 @@ async def test_no_resume_for_another_user_or_after_the_window(
     await carol.close()
     await gone(short_admin, "carol")
     async with asyncio.timeout(5):  # the server's own 50 ms timer: nothing to await on
-        while node.registry._book("short").parked:  # noqa: ASYNC110 (time is what is tested)
+        while parked(node, "short"):  # noqa: ASYNC110 (time is what is tested)
             await asyncio.sleep(0.01)
     later = await connect(node, "short", transport)
     assert "resumed" not in await later.login("carol", "pw3", session_id="tablet")
@@ -530,7 +551,7 @@ async def test_resume_is_off_by_default(make_node: NodeFactory, connect: PeerFac
     await ok(alice, "subscribe", {"class": "media"})
     await alice.close()
     await gone(admin, "alice")
-    assert node.registry._book("demo").parked == {}
+    assert parked(node, "demo") == []
     again = await connect(node, "demo", transport)
     assert "resumed" not in await again.login("alice", "pw1", session_id="phone")
 
@@ -543,6 +564,6 @@ async def test_a_session_stopped_by_an_admin_does_not_resume(
     await ok(alice, "subscribe", {"class": "media"})
     await ok(admin, "stop_session", {"session_id": alice_id})
     await alice.wait_closed()
-    assert node.registry._book("demo").parked == {}
+    assert parked(node, "demo") == []
     again = await connect(node, "demo", transport)
     assert "resumed" not in await again.login("alice", "pw1", session_id="pc")

@@ -6,8 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from nkservice.errors import ConfigError
 from nkservice.node import Node
-from nkservice.service.config import ConfigError, load_config, parse_node_config
+from nkservice.service.config import (
+    config_warnings,
+    load_config,
+    parse_node_config,
+)
 from nkservice.service.passwords import check_password, hash_password
 from nkservice.service.permissions import Role, allowed, pattern_matches
 
@@ -39,6 +44,7 @@ max_message_size = 2048
 tls = { certfile = "cert.pem" }
 permissions = { user = ["core.user.list"] }
 """)
+    (tmp_path / "cert.pem").write_text("")
     config = load_config(path)
     assert config.data_dir == tmp_path / "state"
     demo = config.services["demo"]
@@ -60,6 +66,13 @@ permissions = { user = ["core.user.list"] }
     ({"services": {"demo": {"tls": {"cert": "x"}}}}, "services.demo.tls.cert"),
     ({"services": {"core": {}}}, "services.core"),
     ({"admin": {"password": True}}, "admin.password"),
+    ({"services": {"demo": {"plugins": ["gelf"]}}}, "services.demo.plugins: plugins are not"),
+    ({"services": {"demo": {"script": "auth.lua"}}}, "services.demo.script: Lua"),
+    ({"core": {"script_code": "x = 1"}}, "core.script_code: Lua"),
+    ({"node": {"cluster": "nats://127.0.0.1:4222"}}, "node.cluster: clustering"),
+    ({"services": {"demo": {"tls": {"certfile": "missing.pem"}}}},
+     "services.demo.tls.certfile: no such file: missing.pem"),
+    ({"core": {"tls": {"certfile": "c.pem", "keyfile": "k.pem"}}}, "core.tls.certfile"),
 ])
 def test_bad_config_names_the_key(table: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
@@ -85,6 +98,23 @@ async def test_tls_urls_need_a_certificate() -> None:
     config = parse_node_config({"core": {"listen": ["tls://127.0.0.1:0"]}}, Path("."))
     with pytest.raises(ConfigError, match="certfile"):
         await Node(config).start()
+
+
+def test_what_is_accepted_but_doubtful_is_warned_about() -> None:
+    config = parse_node_config({
+        "node": {"workers": 4},
+        "services": {"quiet": {}, "logs": {"listen": ["tcp://127.0.0.1:0"],
+                                           "gelf": {"host": "127.0.0.1"}}},
+        "core": {"plugins": [], "script": ""},  # empty: as good as left out
+    }, Path("."))
+    assert config_warnings(config) == [
+        "node.workers = 4: several workers need the cluster bus, which is not available "
+        "yet; running one worker",
+        "services.quiet.listen is empty: nobody can connect to this service",
+        "services.logs.gelf: GELF output is not available yet; session log messages go to "
+        "the node's log",
+    ]
+    assert config_warnings(load_config(None)) == []
 
 
 def test_hashed_passwords() -> None:

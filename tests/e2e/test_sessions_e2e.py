@@ -8,7 +8,7 @@ import pytest
 
 from nkservice.node import Node
 from tests.conftest import NodeFactory, PeerFactory
-from tests.test_protocol import error_code
+from tests.e2e.test_protocol_e2e import error_code
 from tests.wire import Peer
 
 pytestmark = pytest.mark.usefixtures("transport")
@@ -245,7 +245,7 @@ async def test_the_global_admin_acts_on_any_service(
     users = await admin.request("core", "list_users", {"service": "other"})
     assert users["data"] == {"bob": [other_id]}
     assert (await admin.request("core", "list_users"))["data"] == {"admin": [
-        next(iter(node.registry._book("core").sessions))]}
+        *(await node.registry.users("core"))["admin"]]}
     missing = await admin.request("core", "list_users", {"service": "nope"})
     assert missing["data"] == {"code": 100020, "error": "Service not found"}
     stopped = await admin.request("core", "stop_session", {"session_id": other_id,

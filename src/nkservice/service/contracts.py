@@ -1,0 +1,216 @@
+"""What the parts of a service see of each other: the seams of the `service` package.
+
+Commands, logic links and the session registry are written against these protocols, never
+against `Session` or `Service` themselves, so that the modules stack without cycles and a
+second implementation (a cluster registry, a plugin's link) plugs in without touching them:
+
+- `Caller`: a connection that logged in (or is logging in), as a command or a link sees it;
+- `ServiceContext`: its service; `Directory`: the node around the service;
+- `Logic`: the hooks of the service logic chain, which a single link and a whole chain
+  both offer (see `logic.py`), with `LoginAttempt` and `LoginDecision`;
+- `SessionRegistry`: every session of every service, wherever it lives (see `registry.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol, TypeAlias, TypeVar
+
+from nkservice.events.fanout import Events, Subscriber
+from nkservice.events.index import Subscription, Topic
+from nkservice.protocol.connection import CloseCode, Connection
+from nkservice.protocol.messages import Request, Response
+from nkservice.service.config import Credentials, ServiceConfig
+from nkservice.service.permissions import Role
+
+# -- the logic chain's hooks -------------------------------------------------------------------
+
+
+class Continue(Enum):
+    CONTINUE = "continue"
+
+
+CONTINUE = Continue.CONTINUE
+"""What a hook returns to pass the decision to the next link (the original's `continue`)."""
+
+T = TypeVar("T")
+Outcome: TypeAlias = T | Continue | Awaitable[T | Continue]
+"""A hook's answer: a decision, `CONTINUE`, or an awaitable of either."""
+
+
+@dataclass(slots=True)
+class LoginAttempt:
+    service: str
+    user: str
+    password: Any
+    meta: Any
+    session_id: str | None
+    transport: str
+    remote: str
+    password_mismatch: bool = False
+
+
+@dataclass(slots=True)
+class LoginDecision:
+    authorized: bool
+    role: Role = Role.user
+    user: str | None = None  # the login logic may rename the user…
+    session_id: str | None = None  # …or choose the session id (the seed's "recovery")
+    meta: Any = None
+    data: dict[str, Any] = field(default_factory=dict)  # merged into the ok answer
+    reason: str | None = None
+
+
+class Logic(Protocol):
+    def login(self, attempt: LoginAttempt) -> Outcome[LoginDecision]:
+        """Decide a login (§3): a `LoginDecision`."""
+
+    def subscribe(self, caller: Caller, topic: Topic) -> Outcome[None]:
+        """Allow a subscription (None) or refuse it (raise `ApiError`)."""
+
+    def command(self, caller: Caller, request: Request) -> Outcome[Any]:
+        """Answer a request of a logged-in session: the ok data, or raise `ApiError`."""
+
+    def client_event(self, caller: Caller, request: Request) -> Outcome[None]:
+        """See a client event (§5.3); None stops it there."""
+
+    def session_start(self, caller: Caller) -> None:
+        """A session has logged in."""
+
+    def session_stop(self, caller: Caller) -> None:
+        """A logged-in session has ended."""
+
+
+# -- sessions and services ---------------------------------------------------------------------
+
+
+class Caller(Subscriber, Protocol):
+    """A connection of a service, logged in once `session_id` is set; it receives events."""
+
+    user: str
+    session_id: str
+    role: Role
+    meta: Any
+    login_time: int
+    seed_form: bool
+    stopped: bool
+    subscriptions: dict[Topic, Subscription]
+
+    @property
+    def service(self) -> ServiceContext: ...
+
+    @property
+    def conn(self) -> Connection: ...
+
+    @property
+    def remote(self) -> str: ...
+
+    @property
+    def transport(self) -> str: ...
+
+    @property
+    def home(self) -> str: ...
+
+    def deliver(self, data: bytes) -> None: ...
+
+    def stop(self, reason: str, code: CloseCode = CloseCode.normal) -> None:
+        """End it from the server's side (not resumable), telling the client why."""
+
+
+class ServiceContext(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def config(self) -> ServiceConfig: ...
+
+    @property
+    def directory(self) -> Directory: ...
+
+    @property
+    def events(self) -> Events: ...
+
+    @property
+    def registry(self) -> SessionRegistry: ...
+
+    @property
+    def logic(self) -> Logic: ...
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` as a task of the service (cancelled when the service stops)."""
+
+    def closed(self, caller: Caller) -> None:
+        """One of its connections has ended, logged in or not."""
+
+
+class Directory(Protocol):
+    """What a service needs from its node."""
+
+    @property
+    def admin(self) -> Credentials: ...
+
+    @property
+    def events(self) -> Events: ...
+
+    @property
+    def registry(self) -> SessionRegistry: ...
+
+    def find_service(self, name: str) -> ServiceContext | None: ...
+
+
+# -- the session registry ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """What `user`/`get` shows of a session (§6)."""
+
+    session_id: str
+    user: str
+    remote: str
+    transport: str
+    meta: Any
+    login_time: int
+
+    def describe(self) -> dict[str, Any]:
+        return {"remote": self.remote, "transport": self.transport, "meta": self.meta,
+                "login_time": self.login_time}
+
+
+@dataclass(slots=True)
+class Claim:
+    """What a login with a chosen session id takes over (§3.3)."""
+
+    subscriptions: list[Subscription] = field(default_factory=list)
+    missed_events: list[bytes] = field(default_factory=list)
+    resumed: bool = False
+
+
+class SessionRegistry(Protocol):
+    async def claim(self, caller: Caller, user: str, session_id: str) -> Claim:
+        """Register a session that logs in as `user` under `session_id` (§3.3): a live
+        session of the same user is replaced, a parked one resumed (the claim carries what
+        they leave to it); another user's id raises `duplicated_session_id`."""
+
+    def ended(self, caller: Caller) -> None:
+        """A registered session closed: forget it, or park it for resuming."""
+
+    async def find(self, service: str, session_id: str) -> SessionInfo | None: ...
+
+    async def users(self, service: str) -> dict[str, list[str]]:
+        """Each user of the service with the ids of its live sessions."""
+
+    async def sessions_of(self, service: str, user: str) -> dict[str, SessionInfo]: ...
+
+    async def stop(self, service: str, session_id: str, reason: str) -> str:
+        """Stop a session (just after the caller's answer is sent); returns its user."""
+
+    async def request(self, service: str, session_id: str, class_: str, cmd: str, data: Any,
+                      *, subclass: str | None, on_ack: Callable[[], None],
+                      timeout: float | None) -> Response:
+        """Send a session a request and return its answer; each ack calls `on_ack`."""
+
+    def forget_service(self, service: str) -> None:
+        """The service stopped: drop what it parked."""
