@@ -20,7 +20,7 @@ run: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/ruff check src tests bench
-	$(BIN)/mypy --strict src
+	$(BIN)/mypy --strict src tests
 	$(BIN)/pytest -q
 
 bench: $(INSTALLED)

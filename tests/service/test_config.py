@@ -14,7 +14,6 @@ from nkservice.service.config import (
     parse_node_config,
 )
 from nkservice.service.passwords import check_password, hash_password
-from nkservice.service.permissions import Role, allowed, pattern_matches
 
 
 def test_embedded_default() -> None:
@@ -125,18 +124,3 @@ def test_hashed_passwords() -> None:
     assert not check_password(None, stored)
     assert not check_password("x", "scrypt$broken")
     assert check_password("plain", "plain") and not check_password("plain", "Plain")
-
-
-def test_permission_patterns() -> None:
-    assert pattern_matches("core.user.*", "core.user.list")
-    assert pattern_matches("*.*.*", "chat.room.join")
-    assert not pattern_matches("core.user", "core.user.list")
-    grants = {"user": ["core.user.list"], "bob": ["core.session.*"]}
-    assert allowed(Role.user, Role.service_admin, permissions=grants, user="alice",
-                   action=("core", "user", "list"))
-    assert not allowed(Role.user, Role.service_admin, permissions=grants, user="alice",
-                       action=("core", "session", "stop"))
-    assert allowed(Role.user, Role.service_admin, permissions=grants, user="bob",
-                   action=("core", "session", "stop"))
-    assert not allowed(Role.service_admin, Role.admin, permissions={"user": ["*.*.*"]},
-                       user="x", action=("core", "service", "create"))
