@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, TypeGuard, TypeVar, cast
 
 from nkservice.events.index import Topic
 from nkservice.protocol.messages import Request
@@ -68,6 +68,8 @@ class LogicChain:
         self._client_event = _overriding(links, "client_event")
         self._start = _overriding(links, "session_start")
         self._stop = _overriding(links, "session_stop")
+        if len(self._command) == 1:  # the usual case, the base alone: no loop at all
+            self.command = self._command[0].command  # type: ignore[method-assign]
 
     def login(self, attempt: LoginAttempt) -> Outcome[LoginDecision]:
         return _first(self._login, 0, lambda link: link.login(attempt))
@@ -76,7 +78,18 @@ class LogicChain:
         return _first(self._subscribe, 0, lambda link: link.subscribe(caller, topic))
 
     def command(self, caller: Caller, request: Request) -> Outcome[Any]:
-        return _first(self._command, 0, lambda link: link.command(caller, request))
+        # Every request of every session comes here: the loop of `_first`, written out
+        # without a closure until a link turns out to answer later.
+        links = self._command
+        for index, link in enumerate(links):
+            outcome = link.command(caller, request)
+            if outcome is CONTINUE:
+                continue
+            if is_pending(outcome):
+                return _settle(links, index + 1, lambda link: link.command(caller, request),
+                               outcome)
+            return outcome
+        return CONTINUE
 
     def client_event(self, caller: Caller, request: Request) -> Outcome[None]:
         return _first(self._client_event, 0, lambda link: link.client_event(caller, request))
@@ -90,6 +103,15 @@ class LogicChain:
             link.session_stop(caller)
 
 
+# What answers at once is almost always one of these: no need to ask the Awaitable ABC.
+PLAIN = frozenset({type(None), dict, list, str, int, float, bool, Continue})
+
+
+def is_pending(outcome: object) -> TypeGuard[Awaitable[Any]]:
+    """Is this outcome still to be awaited?"""
+    return type(outcome) not in PLAIN and inspect.isawaitable(outcome)
+
+
 def _first(links: tuple[Link, ...], start: int, call: Callable[[Link], Outcome[T]]
            ) -> Outcome[T]:
     """The first decision from `links[start:]`, at once or as an awaitable."""
@@ -97,7 +119,7 @@ def _first(links: tuple[Link, ...], start: int, call: Callable[[Link], Outcome[T
         outcome = call(links[index])
         if outcome is CONTINUE:
             continue
-        if inspect.isawaitable(outcome):
+        if is_pending(outcome):
             return _settle(links, index + 1, call, outcome)
         return outcome
     return CONTINUE
@@ -113,6 +135,6 @@ async def _settle(links: tuple[Link, ...], start: int, call: Callable[[Link], Ou
 
 async def settled(outcome: Outcome[T]) -> T | Continue:
     """An outcome, awaited if need be."""
-    if inspect.isawaitable(outcome):
+    if is_pending(outcome):
         return cast("T | Continue", await outcome)
-    return outcome
+    return cast("T | Continue", outcome)

@@ -10,7 +10,6 @@ the base.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 import uuid
@@ -25,7 +24,7 @@ from nkservice.protocol.messages import Request
 from nkservice.protocol.names import canonical
 from nkservice.service.contracts import CONTINUE, LoginAttempt, LoginDecision, ServiceContext
 from nkservice.service.event_commands import automatic_topics
-from nkservice.service.logic import settled
+from nkservice.service.logic import PLAIN, is_pending, settled
 from nkservice.service.login import REFUSED
 from nkservice.service.permissions import Role
 from nkservice.service.requests import optional
@@ -121,13 +120,15 @@ class Session:
         if request.cmd == "event":  # a client event, of any class (§5.3)
             self.conn.reply(request.tid)
             seen = logic.client_event(self, request)
-            if inspect.isawaitable(seen):
+            if is_pending(seen):
                 self.service.spawn(self._see_event(request, seen))
             return
         result = logic.command(self, request)
-        if result is CONTINUE:  # no link answered: a chain without its base
-            raise ApiError(ErrorCode.unknown_class, request.class_)
-        if inspect.isawaitable(result):
+        if type(result) in PLAIN:  # answered at once: the core commands, nearly always
+            if result is CONTINUE:  # no link answered: a chain without its base
+                raise ApiError(ErrorCode.unknown_class, request.class_)
+            self.conn.reply(request.tid, result)
+        elif is_pending(result):
             self.service.spawn(self._answer_later(request, result))
         else:
             self.conn.reply(request.tid, result)
