@@ -265,7 +265,7 @@ class Connection:
     def send_request(self, class_: str, cmd: str, data: Any = None, *,
                      subclass: str | None = None, waiter: Waiter | None = None) -> int:
         """Send a request the client must answer within `request_timeout` (or acks)."""
-        if self.closed or self._slow_consumer():
+        if self.closed or self._slow_consumer(self._wire.backlog()):
             if waiter is not None:
                 waiter.failed(ApiError(ErrorCode.session_not_found, "connection closed"))
             return 0
@@ -276,8 +276,14 @@ class Connection:
     def send_event(self, data: bytes) -> None:
         """Deliver an event (§5.2): a `core`/`event` request whose `data` is encoded already,
         once for all its receivers."""
-        if self.closed or self._slow_consumer():
+        if self.closed:
             return
+        backlog = self._wire.backlog()
+        if backlog:
+            if self._slow_consumer(backlog):
+                return
+        else:
+            self._queued = 0  # inline: this runs once per receiver of every event
         limits = self.limits
         if len(self._events) >= limits.max_unanswered_events:
             log.info("closing a connection with %d events unanswered", len(self._events))
@@ -291,11 +297,10 @@ class Connection:
         self._want_wake(deadline)
         self._wire.send(b'{"class":"core","cmd":"event","tid":%d,"data":%b}' % (tid, data))
 
-    def _slow_consumer(self) -> bool:
+    def _slow_consumer(self, backlog: int) -> bool:
         """§5.2: is the outgoing queue over `max_queue` messages or `max_queue_bytes`? Then
         close. The transport reports bytes only once its buffer is over the high-water mark
         (it sends at once below that), so what is sent from then on counts as queued."""
-        backlog = self._wire.backlog()
         if not backlog:
             self._queued = 0
             return False

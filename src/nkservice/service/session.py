@@ -41,6 +41,8 @@ class Session:
         "_backlog",
         "_failures",
         "conn",
+        "deliver",
+        "home",
         "login_time",
         "meta",
         "remote",
@@ -57,6 +59,7 @@ class Session:
     def __init__(self, service: ServiceContext, wire: Wire, clock: Callable[[], float],
                  transport: str, remote: str) -> None:
         self.service = service
+        self.home = service.name  # for `events/`: a plain attribute, read at every delivery
         self.transport = transport
         self.remote = remote
         self.user = ""
@@ -70,18 +73,13 @@ class Session:
         self._backlog: deque[Request] | None = None  # not None while a login is decided
         self.subscriptions: dict[Topic, Subscription] = {}
         self.conn = Connection(service.config.limits, wire, clock, self)
+        # An event for this session (it is a `Subscriber` of `events/`): straight to its
+        # connection, without a call of our own in between, once per receiver of each event.
+        self.deliver: Callable[[bytes], None] = self.conn.send_event
 
     @property
     def logged_in(self) -> bool:
         return bool(self.session_id)
-
-    @property
-    def home(self) -> str:
-        return self.service.name
-
-    def deliver(self, data: bytes) -> None:
-        """An event for this session (a `Subscriber` of `events/`)."""
-        self.conn.send_event(data)
 
     def stop(self, reason: str, code: CloseCode = CloseCode.normal) -> None:
         self.stopped = True
