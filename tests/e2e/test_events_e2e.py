@@ -11,7 +11,7 @@ from nkservice.node import Node
 from nkservice.service.registry import LocalSessionRegistry
 from tests.conftest import NodeFactory, PeerFactory
 from tests.e2e.test_protocol_e2e import error_code
-from tests.wire import Closed, Peer
+from tests.wire import Peer
 
 pytestmark = pytest.mark.usefixtures("transport")
 
