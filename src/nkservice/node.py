@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from nkservice.errors import ConfigError
 from nkservice.events.bus import Bus, LocalBus
 from nkservice.events.fanout import Events
+from nkservice.service.callbacks import LocalCallbacks
 from nkservice.service.config import (
     Credentials,
     ListenUrl,
@@ -19,7 +20,7 @@ from nkservice.service.config import (
     TlsConfig,
     config_warnings,
 )
-from nkservice.service.contracts import SessionRegistry
+from nkservice.service.contracts import CallbackRegistry, SessionRegistry
 from nkservice.service.registry import LocalSessionRegistry
 from nkservice.service.service import Service
 from nkservice.transport.listener import listen
@@ -50,6 +51,7 @@ class Node:
         self.bus: Bus = LocalBus()
         self.events = Events(self.bus)
         self.registry: SessionRegistry = LocalSessionRegistry(self.events)
+        self.callbacks: CallbackRegistry = LocalCallbacks()
         self._servers: dict[str, list[tuple[_Port, asyncio.Server]]] = {}
 
     # -- Directory -------------------------------------------------------------------------

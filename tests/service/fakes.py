@@ -11,8 +11,9 @@ from typing import Any
 from nkservice.events.bus import LocalBus
 from nkservice.events.fanout import Events
 from nkservice.protocol.connection import Goodbye
+from nkservice.service.callbacks import LocalCallbacks
 from nkservice.service.config import Credentials, parse_service
-from nkservice.service.contracts import ServiceContext, SessionRegistry
+from nkservice.service.contracts import CallbackRegistry, ServiceContext, SessionRegistry
 from nkservice.service.logic import Link
 from nkservice.service.registry import LocalSessionRegistry
 from nkservice.service.service import Service
@@ -51,6 +52,7 @@ class FakeNode:
         self.admin = Credentials("admin", "secret")
         self.events = Events(LocalBus())
         self.registry: SessionRegistry = LocalSessionRegistry(self.events)
+        self.callbacks: CallbackRegistry = LocalCallbacks()
         self.services: dict[str, Service] = {}
 
     def find_service(self, name: str) -> ServiceContext | None:

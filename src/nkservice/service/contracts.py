@@ -8,7 +8,9 @@ second implementation (a cluster registry, a plugin's link) plugs in without tou
 - `ServiceContext`: its service; `Directory`: the node around the service;
 - `Logic`: the hooks of the service logic chain, which a single link and a whole chain
   both offer (see `logic.py`), with `LoginAttempt` and `LoginDecision`;
-- `SessionRegistry`: every session of every service, wherever it lives (see `registry.py`).
+- `SessionRegistry`: every session of every service, wherever it lives (see `registry.py`);
+- `CallbackRegistry`: the external apps registered for a service's callbacks (§7), and
+  firing one (see `callbacks.py`).
 """
 
 from __future__ import annotations
@@ -157,6 +159,9 @@ class Directory(Protocol):
     @property
     def registry(self) -> SessionRegistry: ...
 
+    @property
+    def callbacks(self) -> CallbackRegistry: ...
+
     def find_service(self, name: str) -> ServiceContext | None: ...
 
 
@@ -214,3 +219,39 @@ class SessionRegistry(Protocol):
 
     def forget_service(self, service: str) -> None:
         """The service stopped: drop what it parked."""
+
+
+# -- callbacks to external apps ----------------------------------------------------------------
+
+CALLBACK_KINDS = ("login", "subscribe", "cmd", "event")
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackKey:
+    """What an app registers for: a kind of callback of a service (and, for `cmd` and
+    `event`, a class; `None` for an `event` registration of every class)."""
+
+    service: str
+    kind: str
+    class_: str | None = None
+
+
+class CallbackRegistry(Protocol):
+    def register(self, key: CallbackKey, app: Caller) -> None: ...
+
+    def unregister(self, key: CallbackKey, app: Caller) -> None: ...
+
+    def drop(self, app: Caller) -> None:
+        """The app's connection ended: its registrations end with it."""
+
+    def registered(self, key: CallbackKey) -> bool:
+        """Is any app registered for `key`? (Cheap: asked for every request.)"""
+
+    async def listing(self, service: str | None) -> list[dict[str, Any]]:
+        """`{callback, class, service, session_id}` of each registration (of one service)."""
+
+    async def call(self, key: CallbackKey, cmd: str, data: Any, *,
+                   on_ack: Callable[[], None] | None = None) -> Response | None:
+        """Send the callback request `cmd` to one registered app, round-robin, and return its
+        answer; when that app drops or misses its deadline, once more to another one. None
+        when no app was left to answer: the caller applies the fallback of §7."""

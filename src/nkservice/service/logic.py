@@ -34,6 +34,9 @@ T = TypeVar("T")
 class Link:
     """A link of the chain (a `Logic`); every hook passes unless overridden."""
 
+    core_requests = True
+    """Whether `command` wants requests of class `core`; False skips it for them."""
+
     def login(self, attempt: LoginAttempt) -> Outcome[LoginDecision]:
         return CONTINUE
 
@@ -68,8 +71,8 @@ class LogicChain:
         self._client_event = _overriding(links, "client_event")
         self._start = _overriding(links, "session_start")
         self._stop = _overriding(links, "session_stop")
-        if len(self._command) == 1:  # the usual case, the base alone: no loop at all
-            self.command = self._command[0].command  # type: ignore[method-assign]
+        # Core requests (nearly all of them) skip the links that serve only their own classes.
+        self._core_command = tuple(link for link in self._command if link.core_requests)
 
     def login(self, attempt: LoginAttempt) -> Outcome[LoginDecision]:
         return _first(self._login, 0, lambda link: link.login(attempt))
@@ -79,8 +82,11 @@ class LogicChain:
 
     def command(self, caller: Caller, request: Request) -> Outcome[Any]:
         # Every request of every session comes here: the loop of `_first`, written out
-        # without a closure until a link turns out to answer later.
-        links = self._command
+        # without a closure until a link turns out to answer later, and no loop at all for
+        # a single link (the base alone, usually), whose outcome is the chain's.
+        links = self._core_command if request.class_ == "core" else self._command
+        if len(links) == 1:
+            return links[0].command(caller, request)
         for index, link in enumerate(links):
             outcome = link.command(caller, request)
             if outcome is CONTINUE:

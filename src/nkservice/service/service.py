@@ -13,6 +13,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from nkservice.protocol.connection import CloseCode, Connection, Wire
+from nkservice.service.callbacks import CallbackLink
 from nkservice.service.config import ServiceConfig
 from nkservice.service.contracts import Caller, Directory
 from nkservice.service.core_logic import CoreLogic
@@ -28,8 +29,8 @@ class Service:
 
     def __init__(self, config: ServiceConfig, directory: Directory,
                  logic: Sequence[Link] = ()) -> None:
-        """`logic`: the links between the administrators and the static users (plugins,
-        Lua, callbacks), top first."""
+        """`logic`: the links between the administrators and the callbacks (plugins, Lua),
+        top first."""
         self.config = config
         self.name = config.name
         self.directory = directory
@@ -38,7 +39,8 @@ class Service:
         is_core = config.name == "core"  # only the global administrator logs in there
         links = [*administrators(directory.admin, config.admin, is_core=is_core), *logic]
         if not is_core:
-            links.append(StaticUsersLogin(config.users))
+            links += [CallbackLink(config.name, directory.callbacks),
+                      StaticUsersLogin(config.users)]
         self.logic = LogicChain([*links, CoreLogic()])
         self.connections: set[Caller] = set()  # logged in or not, for shutdown
         self._tasks: set[asyncio.Task[None]] = set()
@@ -53,6 +55,7 @@ class Service:
     def closed(self, caller: Caller) -> None:
         self.connections.discard(caller)
         if caller.session_id:  # it had logged in
+            self.directory.callbacks.drop(caller)
             self.registry.ended(caller)
             self.logic.session_stop(caller)
 

@@ -1,0 +1,196 @@
+"""Callbacks to external apps (PROTOCOL.md §7): registrations, load balancing, failover, and
+the link that fires them from a service's logic chain.
+
+An app is an admin or service-admin connection that registered for a kind of callback of a
+service. Each fired callback is one request to one app, chosen round-robin among the apps
+registered for it; if that app drops or misses its deadline (§1.3 closes it), the request
+goes once more to another one; with none left, the link applies the fallback of §7
+(login: the next step of the chain; subscribe: allowed; cmd: `service_unavailable`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from nkservice.errors import ApiError, ErrorCode
+from nkservice.events.index import Topic
+from nkservice.protocol.messages import Request, Response
+from nkservice.service.contracts import (
+    CONTINUE,
+    CallbackKey,
+    CallbackRegistry,
+    Caller,
+    Continue,
+    LoginAttempt,
+    LoginDecision,
+)
+from nkservice.service.logic import Link
+from nkservice.service.waiters import FutureWaiter
+
+log = logging.getLogger(__name__)
+
+CALLBACK_SUBCLASS = "callback"
+
+
+class LocalCallbacks:
+    """The `CallbackRegistry` of one process."""
+
+    def __init__(self) -> None:
+        self._apps: dict[CallbackKey, list[Caller]] = {}
+        self._turn: dict[CallbackKey, int] = {}
+
+    def register(self, key: CallbackKey, app: Caller) -> None:
+        apps = self._apps.setdefault(key, [])
+        if app not in apps:
+            apps.append(app)
+
+    def unregister(self, key: CallbackKey, app: Caller) -> None:
+        apps = self._apps.get(key)
+        if apps is not None and app in apps:
+            apps.remove(app)
+            if not apps:
+                del self._apps[key]
+                self._turn.pop(key, None)
+
+    def drop(self, app: Caller) -> None:
+        for key in [key for key, apps in self._apps.items() if app in apps]:
+            self.unregister(key, app)
+
+    def registered(self, key: CallbackKey) -> bool:
+        return key in self._apps
+
+    async def listing(self, service: str | None) -> list[dict[str, Any]]:
+        return [{"callback": key.kind, "class": key.class_, "service": key.service,
+                 "session_id": app.session_id}
+                for key, apps in self._apps.items() if service in (None, key.service)
+                for app in apps]
+
+    def _next(self, key: CallbackKey, tried: list[Caller]) -> Caller | None:
+        apps = [app for app in self._apps.get(key, ()) if app not in tried]
+        if not apps:
+            return None
+        turn = self._turn.get(key, 0)
+        self._turn[key] = turn + 1
+        return apps[turn % len(apps)]
+
+    async def call(self, key: CallbackKey, cmd: str, data: Any, *,
+                   on_ack: Callable[[], None] | None = None) -> Response | None:
+        tried: list[Caller] = []
+        while len(tried) < 2 and (app := self._next(key, tried)) is not None:
+            tried.append(app)
+            waiter = FutureWaiter(on_ack=on_ack)
+            app.conn.send_request("core", cmd, data, subclass=CALLBACK_SUBCLASS, waiter=waiter)
+            try:
+                return await waiter.response()
+            except ApiError as error:  # its connection ended (a missed deadline closes it)
+                log.warning("callback %s of %s: app %s failed (%s)%s", cmd, key.service,
+                            app.session_id, error.text,
+                            "; trying another" if len(tried) < 2 else "")
+        return None
+
+
+def _authorized(answer: Response, what: str) -> tuple[bool, dict[str, Any]]:
+    """An app's answer to a login or subscribe callback: authorized?, and its fields. Any
+    other shape is a refusal (§7), logged as `invalid_reply`."""
+    fields = answer.data if answer.ok and isinstance(answer.data, dict) else None
+    if fields is None:
+        log.warning("invalid_reply to %s: %r", what, answer.data)
+        return False, {}
+    authorized = fields.get("authorized")
+    if authorized in (True, "true"):
+        return True, fields
+    if authorized not in (False, "false"):
+        log.warning("invalid_reply to %s: authorized is %r", what, authorized)
+        return False, {}
+    return False, fields
+
+
+def _text(fields: dict[str, Any], name: str) -> str | None:
+    value = fields.get(name)
+    return value if isinstance(value, str) and value else None
+
+
+class CallbackLink(Link):
+    """A service's callbacks in its logic chain: below plugins and Lua, above static users."""
+
+    core_requests = False  # `cmd` callbacks are for the classes of apps
+
+    def __init__(self, service: str, callbacks: CallbackRegistry) -> None:
+        self._service = service
+        self._callbacks = callbacks
+        self._login = CallbackKey(service, "login")
+        self._subscribe = CallbackKey(service, "subscribe")
+
+    def login(self, attempt: LoginAttempt) -> Continue | Any:
+        if not self._callbacks.registered(self._login):
+            return CONTINUE
+        return self._ask_login(attempt)
+
+    async def _ask_login(self, attempt: LoginAttempt) -> LoginDecision | Continue:
+        answer = await self._callbacks.call(self._login, "api_server_login", {
+            "service": attempt.service, "user": attempt.user, "password": attempt.password,
+            "pass": attempt.password, "session_id": attempt.session_id, "meta": attempt.meta,
+            "remote": attempt.remote, "transport": attempt.transport})
+        if answer is None:
+            return CONTINUE  # no app left: the next step decides
+        authorized, fields = _authorized(answer, f"the login of {attempt.user!r}")
+        if not authorized:
+            return LoginDecision(False, reason=_text(fields, "reason"))
+        extra = fields.get("data")
+        return LoginDecision(True, user=_text(fields, "user"),
+                             session_id=_text(fields, "session_id"), meta=fields.get("meta"),
+                             data=extra if isinstance(extra, dict) else {})
+
+    def subscribe(self, caller: Caller, topic: Topic) -> Continue | Any:
+        if not self._callbacks.registered(self._subscribe):
+            return CONTINUE
+        return self._ask_subscribe(caller, topic)
+
+    async def _ask_subscribe(self, caller: Caller, topic: Topic) -> Continue | None:
+        answer = await self._callbacks.call(self._subscribe, "api_server_subscribe", {
+            "service": self._service, "user": caller.user, "session_id": caller.session_id,
+            "subscription": {"class": topic.class_, "subclass": topic.subclass,
+                             "type": topic.type, "obj_id": topic.obj_id}})
+        if answer is None:
+            return CONTINUE  # no app left: allowed
+        authorized, fields = _authorized(answer, f"a subscription of {caller.user!r}")
+        if not authorized:
+            raise ApiError(ErrorCode.unauthorized, _text(fields, "reason"))
+        return None
+
+    def command(self, caller: Caller, request: Request) -> Any:
+        key = CallbackKey(self._service, "cmd", request.class_)
+        if not self._callbacks.registered(key):
+            return CONTINUE
+        return self._ask_command(key, caller, request)
+
+    async def _ask_command(self, key: CallbackKey, caller: Caller, request: Request) -> Any:
+        answer = await self._callbacks.call(key, "api_server_cmd", {
+            "service": self._service, "user": caller.user, "session_id": caller.session_id,
+            "request": {"class": request.class_, "subclass": request.subclass,
+                        "cmd": request.cmd, "data": request.data}},
+            on_ack=lambda: caller.conn.ack(request.tid))
+        if answer is None:
+            raise ApiError(ErrorCode.service_unavailable)
+        if answer.ok:
+            return answer.data
+        raise answer.error()
+
+    def client_event(self, caller: Caller, request: Request) -> Continue | Any:
+        keys = [key for key in (CallbackKey(self._service, "event", request.class_),
+                                CallbackKey(self._service, "event"))
+                if self._callbacks.registered(key)]
+        if not keys:
+            return CONTINUE
+        return self._tell_event(keys, caller, request)
+
+    async def _tell_event(self, keys: list[CallbackKey], caller: Caller,
+                          request: Request) -> Continue:
+        event = {"class": request.class_, "subclass": request.subclass, "data": request.data}
+        for key in keys:
+            await self._callbacks.call(key, "api_server_event", {
+                "service": self._service, "user": caller.user,
+                "session_id": caller.session_id, "event": event})
+        return CONTINUE  # plugins and Lua above have seen it; nothing below wants it
