@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from nkservice.errors import ConfigError
 from nkservice.events.bus import Bus, LocalBus
 from nkservice.events.fanout import Events
+from nkservice.plugins.loader import plugin_links
 from nkservice.service.callbacks import LocalCallbacks
 from nkservice.service.config import (
     Credentials,
@@ -82,8 +83,11 @@ class Node:
             raise
 
     async def start_service(self, definition: ServiceConfig, ports: list[_Port]) -> None:
-        service = Service(definition, self)
+        where = "core." if definition.name == "core" else f"services.{definition.name}."
+        logic = plugin_links(definition, where)
+        service = Service(definition, self, logic)
         self.services[definition.name] = service
+        await service.start()
         tls = (_tls_context(definition.name, definition.tls) if any(p.secure for p in ports)
                else None)
         servers = self._servers.setdefault(definition.name, [])

@@ -65,7 +65,7 @@ permissions = { user = ["core.user.list"] }
     ({"services": {"demo": {"tls": {"cert": "x"}}}}, "services.demo.tls.cert"),
     ({"services": {"core": {}}}, "services.core"),
     ({"admin": {"password": True}}, "admin.password"),
-    ({"services": {"demo": {"plugins": ["gelf"]}}}, "services.demo.plugins: plugins are not"),
+    ({"services": {"demo": {"plugin": {"x": 1}}}}, "services.demo.plugin.x"),
     ({"services": {"demo": {"script": "auth.lua"}}}, "services.demo.script: Lua"),
     ({"core": {"script_code": "x = 1"}}, "core.script_code: Lua"),
     ({"node": {"cluster": "nats://127.0.0.1:4222"}}, "node.cluster: clustering"),
@@ -104,14 +104,14 @@ def test_what_is_accepted_but_doubtful_is_warned_about() -> None:
         "node": {"workers": 4},
         "services": {"quiet": {}, "logs": {"listen": ["tcp://127.0.0.1:0"],
                                            "gelf": {"host": "127.0.0.1"}}},
-        "core": {"plugins": [], "script": ""},  # empty: as good as left out
+        "core": {"script": ""},  # empty: as good as left out
     }, Path("."))
     assert config_warnings(config) == [
         "node.workers = 4: several workers need the cluster bus, which is not available "
         "yet; running one worker",
         "services.quiet.listen is empty: nobody can connect to this service",
-        "services.logs.gelf: GELF output is not available yet; session log messages go to "
-        "the node's log",
+        "services.logs.gelf: a host without the gelf plugin in services.logs.plugins: session "
+        "logs go to the node's log",
     ]
     assert config_warnings(load_config(None)) == []
 

@@ -73,6 +73,7 @@ class ServiceConfig:
     admin: Credentials | None = None
     users: dict[str, str] = field(default_factory=dict)
     plugins: tuple[str, ...] = ()
+    plugin: dict[str, dict[str, Any]] = field(default_factory=dict)  # each plugin's settings
     script: str = ""
     script_code: str = ""
     limits: Limits = field(default_factory=Limits)
@@ -115,7 +116,6 @@ def load_config(path: Path | None) -> NodeConfig:
 # Keys that belong to features still to come: refused rather than silently ignored, since
 # a node that ignored `plugins` (say, an authorization plugin) would run wide open.
 NOT_YET = {
-    "plugins": "plugins are not available yet",
     "script": "Lua scripts are not available yet",
     "script_code": "Lua scripts are not available yet",
     "cluster": "clustering is not available yet",
@@ -138,9 +138,9 @@ def config_warnings(config: NodeConfig) -> list[str]:
         where = "core" if service.name == "core" else f"services.{service.name}"
         if not service.listen:
             warnings.append(f"{where}.listen is empty: nobody can connect to this service")
-        if service.gelf.host:
-            warnings.append(f"{where}.gelf: GELF output is not available yet; session "
-                            "log messages go to the node's log")
+        if service.gelf.host and "gelf" not in service.plugins:
+            warnings.append(f"{where}.gelf: a host without the gelf plugin in "
+                            f"{where}.plugins: session logs go to the node's log")
     return warnings
 
 
@@ -173,7 +173,7 @@ def parse_node_config(table: dict[str, Any], base_dir: Path) -> NodeConfig:
 
 _LIMIT_KEYS = {f.name for f in fields(Limits)}
 _SERVICE_KEYS = {
-    "listen", "admin", "users", "plugins", "script", "script_code", "login_failure_delay",
+    "listen", "admin", "users", "plugins", "plugin", "script", "script_code", "login_failure_delay",
     "resume_window", "resume_buffer", "max_subscriptions", "lua_timeout",
     "lua_memory", "tls", "gelf", "permissions",
 } | _LIMIT_KEYS
@@ -199,6 +199,9 @@ def parse_service(name: str, table: dict[str, Any], base_dir: Path, *, where: st
     gelf = _get(table, f"{where}gelf", dict, {})
     _known(gelf, f"{where}gelf.", {"host", "port"})
     permissions = _get(table, f"{where}permissions", dict, {})
+    plugin_tables = _get(table, f"{where}plugin", dict, {})
+    for plugin, settings in plugin_tables.items():
+        _as(settings, f"{where}plugin.{plugin}", dict)
     defaults = Limits()
     limits = Limits(**{
         key: _number(table, f"{where}{key}", type(getattr(defaults, key)), getattr(defaults, key))
@@ -212,6 +215,7 @@ def parse_service(name: str, table: dict[str, Any], base_dir: Path, *, where: st
         users=dict(users),
         plugins=tuple(_as(p, f"{where}plugins", str) for p in _get(table, f"{where}plugins",
                                                                    list, [])),
+        plugin=plugin_tables,
         script=str(base_dir / script) if script else "",
         script_code=_get(table, f"{where}script_code", str, ""),
         limits=limits,

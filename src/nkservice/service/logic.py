@@ -55,6 +55,12 @@ class Link:
     def session_stop(self, caller: Caller) -> None:
         """Every link is told, top first."""
 
+    async def start(self) -> None:
+        """The service is starting: take what the link needs (a socket, a thread)."""
+
+    def stop(self) -> None:
+        """The service has stopped: let go of it."""
+
 def _overriding(links: Sequence[Link], hook: str) -> tuple[Link, ...]:
     base = getattr(Link, hook)
     return tuple(link for link in links if getattr(type(link), hook) is not base)
@@ -107,6 +113,14 @@ class LogicChain:
     def session_stop(self, caller: Caller) -> None:
         for link in self._stop:
             link.session_stop(caller)
+
+    async def start(self) -> None:
+        for link in self.links:
+            await link.start()
+
+    def stop(self) -> None:
+        for link in self.links:
+            link.stop()
 
 
 # What answers at once is almost always one of these: no need to ask the Awaitable ABC.

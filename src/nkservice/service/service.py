@@ -64,6 +64,10 @@ class Service:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def start(self) -> None:
+        """Before the first connection: the links take what they need."""
+        await self.logic.start()
+
     def stop(self, reason: str) -> None:
         """Close every connection, telling it why; forget what was parked for resuming."""
         for session in list(self.connections):
@@ -71,3 +75,4 @@ class Service:
         self.registry.forget_service(self.name)
         for task in list(self._tasks):
             task.cancel()
+        self.logic.stop()
