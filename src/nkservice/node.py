@@ -7,11 +7,13 @@ import logging
 import ssl
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 from nkservice.errors import ConfigError
 from nkservice.events.bus import Bus, LocalBus
 from nkservice.events.fanout import Events
 from nkservice.plugins.loader import plugin_links
+from nkservice.plugins.lua import LuaLogic
 from nkservice.service.callbacks import LocalCallbacks
 from nkservice.service.config import (
     Credentials,
@@ -23,6 +25,7 @@ from nkservice.service.config import (
 )
 from nkservice.service.contracts import CallbackRegistry, SessionRegistry
 from nkservice.service.registry import LocalSessionRegistry
+from nkservice.service.logic import Link
 from nkservice.service.service import Service
 from nkservice.transport.listener import listen
 
@@ -84,7 +87,7 @@ class Node:
 
     async def start_service(self, definition: ServiceConfig, ports: list[_Port]) -> None:
         where = "core." if definition.name == "core" else f"services.{definition.name}."
-        logic = plugin_links(definition, where)
+        logic = [*plugin_links(definition, where), *_script_links(definition, where)]
         service = Service(definition, self, logic)
         self.services[definition.name] = service
         await service.start()
@@ -121,6 +124,22 @@ class Node:
             service.stop("server shutting down")
         await asyncio.sleep(SHUTDOWN_DRAIN)
         self._servers.clear()
+
+
+def _script_links(definition: ServiceConfig, where: str) -> list[Link]:
+    """The service's Lua script, if it has one: below its plugins, above the callbacks."""
+    if definition.script:
+        key = f"{where}script"
+        try:
+            source = Path(definition.script).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{key}: cannot read {definition.script}: {exc}") from exc
+    elif definition.script_code:
+        key, source = f"{where}script_code", definition.script_code
+    else:
+        return []
+    return [LuaLogic(source, name=definition.name, timeout=definition.lua_timeout,
+                     memory=definition.lua_memory, where=key)]
 
 
 def _ports_of(definition: ServiceConfig) -> list[_Port]:

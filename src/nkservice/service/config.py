@@ -116,8 +116,6 @@ def load_config(path: Path | None) -> NodeConfig:
 # Keys that belong to features still to come: refused rather than silently ignored, since
 # a node that ignored `plugins` (say, an authorization plugin) would run wide open.
 NOT_YET = {
-    "script": "Lua scripts are not available yet",
-    "script_code": "Lua scripts are not available yet",
     "cluster": "clustering is not available yet",
 }
 
@@ -208,6 +206,8 @@ def parse_service(name: str, table: dict[str, Any], base_dir: Path, *, where: st
         for key in _LIMIT_KEYS
     })
     script = _get(table, f"{where}script", str, "")
+    if script and table.get("script_code"):
+        raise ConfigError(f"{where}script_code: give script (a file) or script_code, not both")
     return ServiceConfig(
         name=name,
         listen=tuple(parse_listen_url(_as(url, f"{where}listen", str)) for url in listen),
