@@ -24,8 +24,8 @@ from nkservice.service.config import (
     config_warnings,
 )
 from nkservice.service.contracts import CallbackRegistry, SessionRegistry
-from nkservice.service.registry import LocalSessionRegistry
 from nkservice.service.logic import Link
+from nkservice.service.registry import LocalSessionRegistry
 from nkservice.service.service import Service
 from nkservice.transport.listener import listen
 
