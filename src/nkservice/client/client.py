@@ -102,6 +102,7 @@ class Client:
         self._closing = False
         self._credentials: dict[str, Any] | None = None
         self._subscriptions: dict[tuple[str, ...], dict[str, Any]] = {}
+        self._registrations: list[dict[str, Any]] = []  # callbacks, registered again later
         self._next_tid = 1
         self._handlers: dict[tuple[str, str], RequestHandler] = {}
         self._event_callbacks: list[EventCallback] = []
@@ -196,6 +197,8 @@ class Client:
             try:
                 await self._login(self._credentials)
                 await self._resubscribe()
+                for registration in self._registrations:
+                    await self.request("core", "register", registration, "callback")
                 return
             except (ApiError, ConnectionError, TimeoutError) as exc:
                 log.warning("login again on %s failed: %s", self.url, exc)
@@ -312,6 +315,29 @@ class Client:
         `core`/`event` always goes to the event consumers (`on_event`, `events`).
         """
         self._handlers[(class_, cmd)] = handler
+
+    async def register_callback(self, kind: str, handler: RequestHandler, *,
+                                service: str | None = None, class_: str | None = None
+                                ) -> None:
+        """Serve a service's callbacks of `kind` (PROTOCOL.md §7): `login`, `subscribe`,
+        `cmd` (for the requests of `class_`) or `event` (of `class_`, or of every class).
+
+        `handler(data)` gets the callback request's data and returns the answer, e.g.
+        `{"authorized": True}` for a login, or raises `ApiError` (a `cmd` callback's error
+        goes to the user as is). It may be async: a slow one gets the request acked, as
+        `on_request` says. One handler serves each kind (a `cmd` handler every class
+        registered: `data["request"]["class"]` tells them apart). The client must be logged
+        in as the global admin or the service's admin; the registration is made again
+        after a reconnect.
+        """
+        registration: dict[str, Any] = {"callback": kind}
+        if service is not None:
+            registration["service"] = service
+        if class_ is not None:
+            registration["class"] = class_
+        self.on_request("core", f"api_server_{kind}", handler)
+        await self.request("core", "register", registration, "callback")
+        self._registrations.append(registration)
 
     def on_event(self, callback: EventCallback) -> None:
         """Call `callback(event)` for each event the server delivers (§5.2)."""
