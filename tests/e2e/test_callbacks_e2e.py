@@ -198,3 +198,24 @@ async def test_an_app_that_acks_and_answers_ten_seconds_later(
 
     async with asyncio.timeout(40):
         await asyncio.gather(*(on(kind) for kind in TRANSPORTS))
+
+
+async def test_an_app_that_misses_its_deadline_is_closed_and_another_answers(
+        make_node: NodeFactory, connect: PeerFactory, transport: str) -> None:
+    """Service admins register for their own service; its request_timeout is 1 s here."""
+    node = await make_node(demo={})
+    apps = []
+    for _ in range(2):
+        peer = await connect(node, "demo", transport)
+        await peer.login("demo-admin", "pw")
+        await peer.request("core", "register_callback", {"callback": "cmd", "class": "calc"})
+        apps.append(peer)
+    silent, helpful = apps
+    user = await connect(node, "demo", transport)
+    await user.login("alice", "pw1")
+    await user.send({"class": "calc", "cmd": "echo", "tid": 1})
+    await callback(silent, "api_server_cmd")  # …and says nothing
+    asked = await callback(helpful, "api_server_cmd")
+    await answer(helpful, asked, {"by": "helpful"})
+    assert await user.recv() == {"result": "ok", "tid": 1, "data": {"by": "helpful"}}
+    await silent.wait_closed()  # closed for its missed deadline
