@@ -1,28 +1,49 @@
-"""The `nkservice` command: run a node, call a server, hash a password."""
+"""The `nkservice` command: run a node, call a server, listen to events, hash a password.
+
+No traceback reaches a user: every failure is one line on stderr (an error answer of the
+server is that answer as one JSON line), with a non-zero exit status: 1 when the command
+failed, 2 for a usage mistake, 130 after Ctrl-C (`listen` ends with 0 on Ctrl-C: that is
+how it is meant to stop).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import getpass
 import json
 import logging
+import os
+import re
 import signal
+import socket
 import ssl
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urlsplit
 
 import uvloop
 
 from nkservice import __version__
-from nkservice.errors import ApiError
+from nkservice.errors import ApiError, ConfigError
 from nkservice.node import Node
-from nkservice.service.config import ConfigError, NodeConfig, load_config
+from nkservice.protocol.names import canonical
+from nkservice.service.config import NodeConfig, load_config
 from nkservice.service.passwords import hash_password
 from nkservice.transport.websocket import PICOWS_LOGGER
 
+if TYPE_CHECKING:
+    from nkservice.client import Client
+
 log = logging.getLogger("nkservice")
+
+SCHEMES = ("tcp", "tls", "ws", "wss")
+DEFAULT_TIMEOUT = 30.0
+INTERRUPTED = 130  # the shell's status for a command ended by SIGINT (128 + 2)
 
 DESCRIPTION = """\
 nkservice serves the NkSERVICE External API: JSON requests, events and callbacks over
@@ -32,17 +53,64 @@ TCP, TLS, WebSocket and secure WebSocket.
                                           (admin) service on ws://127.0.0.1:9010/ and
                                           tcp://127.0.0.1:9010, user admin / password admin
   nkservice serve --config node.toml      run a node from a config file (see docs/config.md)
+  nkservice call ws://127.0.0.1:9010/ core ping
+                                          send one request, print the answer as JSON
   nkservice call ws://127.0.0.1:9010/ core user list --user admin --password admin
-                                          log in, send one request, print the answer as JSON
-  nkservice listen ws://127.0.0.1:9010/ --user admin --password admin \
+                                          log in first (asked for on a terminal if left out)
+  nkservice listen ws://127.0.0.1:9010/ --user admin --password admin \\
       --subscribe core/session            print events as JSON lines until Ctrl-C
   nkservice hash-password                 print a scrypt hash to put in a config file
+
+Every failure is one line on stderr and a non-zero exit status.
 """
 
 
+class _Failure(Exception):
+    """A failure to report as one line on stderr: `nkservice COMMAND: message`, or the
+    message alone when `bare` (an error answer of the server, as its JSON)."""
+
+    def __init__(self, message: str, status: int = 1, *, bare: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.bare = bare
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors on one line too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nkservice", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        print("nkservice: give a command: serve, call, listen or hash-password (see "
+              "`nkservice --help`)", file=sys.stderr)
+        return 2
+    try:
+        return int(_COMMANDS[args.command](args))
+    except _Failure as failure:
+        line = failure.message if failure.bare else f"nkservice {args.command}: {failure.message}"
+        print(line, file=sys.stderr, flush=True)
+        return failure.status
+    except KeyboardInterrupt:
+        return INTERRUPTED
+    except BrokenPipeError:  # whoever read our output is gone (`| head`): nothing to say
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as exc:  # a bug; still one line (`--verbose` logs more where it exists)
+        print(f"nkservice {args.command}: internal error: {type(exc).__name__}: {exc} "
+              "(please report it)", file=sys.stderr, flush=True)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="nkservice", description=DESCRIPTION,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"nkservice {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -54,69 +122,106 @@ def main(argv: list[str] | None = None) -> int:
 
     call = commands.add_parser(
         "call", help="send one request and print the answer as JSON",
-        description="Connect to URL, log in (with --user), send CLASS [SUBCLASS] CMD with "
-                    "--data, print the answer's data as JSON. Exit 0 on ok; on an error "
-                    "answer print it to stderr and exit 1.")
+        usage="%(prog)s [options] URL CLASS [SUBCLASS] CMD",
+        description="Connect to URL, log in, send CLASS [SUBCLASS] CMD with --data, print the "
+                    "answer's data as JSON. `core ping` needs no login; anything else logs "
+                    "in with --user and --password, asked for when left out and stdin is a "
+                    "terminal. Exit 0 on ok; on an error answer print it to stderr as JSON "
+                    "and exit 1; any other failure is one line on stderr.")
     _add_connection_options(call)
     call.add_argument("words", nargs="+", metavar="CLASS [SUBCLASS] CMD",
                       help="e.g. `core ping` or `core user list`")
     call.add_argument("--data", default="{}", help="the request's data, as JSON")
-    call.add_argument("--user", help="log in as this user first")
-    call.add_argument("--password", help="the user's password (asked for if --user is given)")
+    _add_login_options(call)
 
     listen = commands.add_parser(
         "listen", help="subscribe and print events as JSON lines until interrupted",
+        usage="%(prog)s [options] URL --subscribe CLASS[/SUBCLASS[/TYPE[/OBJ_ID]]] ...",
         description="Connect to URL, log in, subscribe, and print every event received as "
-                    "one JSON line, until Ctrl-C. Reconnects (and subscribes again) when the "
-                    "connection drops.")
+                    "one JSON line on stdout, until Ctrl-C. When the connection drops it "
+                    "says so on stderr, reconnects, logs in and subscribes again, and says "
+                    "so again.")
     _add_connection_options(listen)
     listen.add_argument("--subscribe", action="append", default=[], required=True,
                         metavar="CLASS[/SUBCLASS[/TYPE[/OBJ_ID]]]",
                         help="what to receive; `*` or a left-out part matches anything; "
                              "repeat for more")
-    listen.add_argument("--user", required=True)
-    listen.add_argument("--password", help="asked for when not given")
+    _add_login_options(listen)
 
-    hashing = commands.add_parser("hash-password", help="print a scrypt hash of a password")
+    hashing = commands.add_parser(
+        "hash-password", help="print a scrypt hash of a password",
+        description="Print a scrypt hash of PASSWORD for a config file. Without PASSWORD: "
+                    "asked for twice on a terminal, else read from the first line of stdin.")
     hashing.add_argument("password", nargs="?", help="asked for when not given")
-
-    args = parser.parse_args(argv)
-    if args.command == "serve":
-        return _serve(args.config, args.log_level)
-    if args.command == "call":
-        return _call(args)
-    if args.command == "listen":
-        return _listen(args)
-    if args.command == "hash-password":
-        print(hash_password(args.password or getpass.getpass("password: ")))
-        return 0
-    parser.print_help()
-    return 2
+    return parser
 
 
-def _serve(config_path: Path | None, level: str) -> int:
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("url", metavar="URL",
+                        help="tcp://HOST:PORT, tls://HOST:PORT, ws://HOST:PORT/PATH or "
+                             "wss://HOST:PORT/PATH")
+    parser.add_argument("--cafile", help="trust this CA (tls and wss)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="do not verify the server certificate (tls and wss)")
+    parser.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help=f"to connect, and for each answer (default {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--verbose", action="store_true",
+                        help="log what the client does on stderr")
+
+
+def _add_login_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--user", help="log in as this user (asked for on a terminal)")
+    parser.add_argument("--password", help="the user's password (asked for on a terminal)")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
+    return value
+
+
+# -- serve -----------------------------------------------------------------------------------
+
+def _serve(args: argparse.Namespace) -> int:
+    level: str = args.log_level
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: "
                                                     "%(message)s")
     if level != "debug":  # picows says INFO at every connect and disconnect: noise at scale
         logging.getLogger(PICOWS_LOGGER).setLevel(logging.WARNING)
     try:
-        config = load_config(config_path)
+        config = load_config(args.config)
     except ConfigError as exc:
-        print(f"nkservice: bad config: {exc}", file=sys.stderr)
-        return 2
+        raise _Failure(f"bad config: {exc}", 2) from None
     try:
         uvloop.run(_run_node(config))
-    except (ConfigError, OSError) as exc:
-        print(f"nkservice: cannot start: {exc}", file=sys.stderr)
-        return 1
+    except ConfigError as exc:  # found while starting: ports, TLS files
+        raise _Failure(f"bad config: {exc}", 2) from None
+    except OSError as exc:
+        raise _Failure(f"cannot start: {_listen_failure(exc)}") from None
     return 0
 
 
+def _listen_failure(exc: OSError) -> str:
+    """What a failed bind means, and what to do about it."""
+    found = re.search(r"\('([^']*)', (\d+)", str(exc))
+    where, port = (f"{found[1]}:{found[2]}", found[2]) if found else ("that address", "PORT")
+    if exc.errno == errno.EADDRINUSE:
+        return (f"{where} is already in use by another process: find it with "
+                f"`ss -ltnp 'sport = :{port}'` or `lsof -i :{port}`, stop it, or listen on "
+                "other ports with --config FILE")
+    if exc.errno == errno.EACCES:
+        return f"no permission to listen on {where}: ports below 1024 need privileges"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{where} is not an address of this machine: fix the host in `listen`"
+    return str(exc)
+
+
 async def _run_node(config: NodeConfig) -> None:
-    if config.workers > 1:
-        log.warning("workers = %d: several workers need the cluster bus, which is not "
-                    "available yet; running one worker", config.workers)
-    node = Node(config)
+    node = Node(config)  # it logs the config's warnings (workers, empty listen, …)
     await node.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -129,38 +234,213 @@ async def _run_node(config: NodeConfig) -> None:
     log.info("stopped")
 
 
-def _add_connection_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("url", help="tcp://HOST:PORT, tls://…, ws://HOST:PORT/PATH or wss://…")
-    parser.add_argument("--cafile", help="trust this CA (tls and wss)")
-    parser.add_argument("--insecure", action="store_true",
-                        help="do not verify the server certificate (tls and wss)")
+# -- what call and listen share --------------------------------------------------------------
+
+def _check_url(url: str) -> None:
+    """Refuse a URL the client cannot use, saying how to write it."""
+    example = "tcp://127.0.0.1:9010 or ws://127.0.0.1:9010/"
+    if "://" not in url:
+        raise _Failure(f"bad URL {url!r}: it needs a scheme, e.g. tcp://{url} or ws://{url}/", 2)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise _Failure(f"bad URL {url!r}: {exc}; e.g. {example}", 2) from None
+    if parts.scheme in ("http", "https"):
+        secure = "s" if parts.scheme == "https" else ""
+        raise _Failure(f"bad URL {url!r}: WebSocket URLs start with ws{secure}://, not "
+                       f"{parts.scheme}://", 2)
+    if parts.scheme not in SCHEMES:
+        raise _Failure(f"bad URL {url!r}: the scheme must be tcp, tls, ws or wss; "
+                       f"e.g. {example}", 2)
+    if not parts.hostname:
+        raise _Failure(f"bad URL {url!r}: no host; e.g. {example}", 2)
+    if port == 0:
+        raise _Failure(f"bad URL {url!r}: port 0 cannot be connected to", 2)
+
+
+@contextlib.contextmanager
+def _client_logging(verbose: bool) -> Iterator[None]:
+    """The client library logs what it does; the command line says only its own lines,
+    unless --verbose. (Without a handler, Python would print the library's warnings.)"""
+    root = logging.getLogger()
+    level = root.level
+    handler: logging.Handler
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: "
+                                               "%(message)s"))
+        root.setLevel(logging.DEBUG)
+    else:
+        handler = logging.NullHandler()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
 def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     if not args.url.startswith(("tls:", "wss:")):
         return None
-    context = ssl.create_default_context(cafile=args.cafile)
+    try:
+        context = ssl.create_default_context(cafile=args.cafile)
+    except (OSError, ssl.SSLError) as exc:  # FileNotFoundError is an OSError
+        reason = getattr(exc, "strerror", None) or exc
+        raise _Failure(f"cannot use --cafile {args.cafile}: {reason}", 2) from None
     if args.insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
 
 
-def _failed(command: str, exc: Exception) -> int:
-    """Report a failed client command: an error answer as its JSON, else the reason."""
-    if isinstance(exc, ApiError):
-        print(json.dumps({"code": exc.code, "error": exc.text}), file=sys.stderr)
-    else:
-        print(f"nkservice {command}: {exc or type(exc).__name__}", file=sys.stderr)
-    return 1
-
-
-def _password(args: argparse.Namespace) -> str | None:
-    if args.user and args.password is None:
-        return getpass.getpass(f"password for {args.user}: ")
+def _credentials(args: argparse.Namespace, what: str, *, needed: bool
+                 ) -> tuple[str, str] | None:
+    """--user and --password, asked for on a terminal when left out; None: no login."""
+    user: str | None = args.user
     password: str | None = args.password
-    return password
+    if user is None and password is not None:
+        raise _Failure("--password needs --user", 2)
+    if user is None and not needed:
+        return None
+    terminal = sys.stdin.isatty()
+    if user is None:
+        if not terminal:
+            raise _Failure(f"{what} needs a login: give --user USER --password PASSWORD "
+                           "(there is no terminal to ask on)", 2)
+        user = _ask("user: ", secret=False, instead="give --user")
+        if not user:
+            raise _Failure("no user given: type one at the prompt or give --user", 2)
+    if password is None:
+        if not terminal:
+            raise _Failure(f"no password for {user}: give --password PASSWORD (there is no "
+                           "terminal to ask on)", 2)
+        password = _ask(f"password for {user}: ", secret=True, instead="give --password")
+    return user, password
 
+
+def _ask(prompt: str, *, secret: bool, instead: str) -> str:
+    """Ask on the terminal. End of input fails with one line saying what to do `instead`;
+    Ctrl-C ends the prompt's line and goes on as KeyboardInterrupt (exit status 130,
+    nothing more to say)."""
+    try:
+        if secret:
+            return getpass.getpass(prompt)
+        sys.stderr.write(prompt)  # stdout is for the answer
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\r\n")
+    except EOFError:
+        print(file=sys.stderr)
+        raise _Failure(f"end of input at the prompt: type the answer, or {instead}") from None
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        raise
+
+
+def _connect_failure(url: str, exc: BaseException, timeout: float) -> _Failure:
+    """Why connecting failed, and what to do, in one line."""
+    if isinstance(exc, TimeoutError):  # before OSError: it is one
+        return _Failure(f"no connection to {url} within {timeout:g} s: check the host, the "
+                        "port and the scheme (tcp, tls, ws, wss), or wait longer with --timeout")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _Failure(f"the TLS certificate of {url} is not trusted "
+                        f"({exc.verify_message}): give --cafile CA_FILE, or --insecure for a "
+                        "test server")
+    if isinstance(exc, ssl.SSLError):
+        return _Failure(f"TLS handshake with {url} failed ({exc.reason or exc}): is it a "
+                        "tls/wss port? a plain port takes tcp:// or ws://")
+    if isinstance(exc, ConnectionRefusedError):
+        return _Failure(f"cannot connect to {url}: connection refused; is the server running "
+                        "on that host and port? (`nkservice serve` starts one)")
+    if isinstance(exc, socket.gaierror):
+        host = urlsplit(url).hostname
+        return _Failure(f"cannot connect to {url}: unknown host {host!r} ({exc.strerror})")
+    if isinstance(exc, ConnectionError) and "handshake" in str(exc):
+        hint = ("check the URL's path" if "404" in str(exc)
+                else "is the URL's scheme (tcp, tls, ws, wss) the one of that port?")
+        return _Failure(f"{exc}: {hint}")
+    if isinstance(exc, OSError):
+        return _Failure(f"cannot connect to {url}: {exc.strerror or exc}")
+    return _Failure(f"cannot connect to {url}: {exc}")
+
+
+def _answer_failure(url: str, what: str, exc: BaseException, timeout: float) -> _Failure:
+    """Why no answer came to `what` (the login, a request)."""
+    if isinstance(exc, ApiError):
+        return _Failure(json.dumps(exc.to_wire()), bare=True)
+    if isinstance(exc, TimeoutError):
+        return _Failure(f"no answer to {what} from {url} within {timeout:g} s: the server may "
+                        "be busy (wait longer with --timeout), or not an nkservice server")
+    reason = str(exc) or "connection lost"
+    hint = ("" if reason.startswith("Connection closed") else
+            "; is the URL's scheme (tcp, tls, ws, wss) the one of that port?")
+    return _Failure(f"{url} closed the connection before answering {what} ({reason}){hint}")
+
+
+async def _open(client: Client, url: str, timeout: float) -> None:
+    try:
+        await client.connect()
+    except (OSError, ValueError, TimeoutError) as exc:
+        raise _connect_failure(url, exc, timeout) from None
+    except Exception as exc:  # e.g. a WebSocket handshake cut short by a TLS port
+        raise _Failure(f"cannot connect to {url}: the handshake failed "
+                       f"({type(exc).__name__}{': ' if str(exc) else ''}{exc}); is the URL's "
+                       "scheme (tcp, tls, ws, wss) the one of that port?") from None
+
+
+async def _login(client: Client, url: str, credentials: tuple[str, str], timeout: float) -> None:
+    try:
+        await client.login(*credentials)
+    except (ApiError, ConnectionError, TimeoutError) as exc:
+        raise _answer_failure(url, "the login", exc, timeout) from None
+
+
+# -- call ------------------------------------------------------------------------------------
+
+def _call(args: argparse.Namespace) -> int:
+    from nkservice.client import Client
+
+    if len(args.words) not in (2, 3):
+        raise _Failure("give CLASS CMD or CLASS SUBCLASS CMD, e.g. `core ping` or "
+                       "`core user list`", 2)
+    class_, *subclasses, cmd = args.words
+    subclass = subclasses[0] if subclasses else None
+    try:
+        data: Any = json.loads(args.data)
+    except ValueError as exc:
+        raise _Failure(f"--data is not JSON ({exc}); e.g. --data '{{\"user\": \"alice\"}}'",
+                       2) from None
+    _check_url(args.url)
+    what = " ".join(args.words)
+    is_ping = class_ == "core" and canonical(subclass, cmd) == ("core", "ping")
+    credentials = _credentials(args, what, needed=not is_ping)
+    context = _tls_context(args)
+    url, timeout = args.url, args.timeout
+
+    async def run() -> Any:
+        client = Client(url, ssl=context, request_timeout=timeout)
+        try:
+            await _open(client, url, timeout)
+            if credentials is not None:
+                await _login(client, url, credentials, timeout)
+            try:
+                return await client.request(class_, cmd, data, subclass)
+            except (ApiError, ConnectionError, TimeoutError) as exc:
+                raise _answer_failure(url, what, exc, timeout) from None
+        finally:
+            await client.close()
+
+    with _client_logging(args.verbose):
+        answer = asyncio.run(run())
+    print(json.dumps({} if answer is None else answer, indent=2))  # no data means {} (§1.2)
+    return 0
+
+
+# -- listen ----------------------------------------------------------------------------------
 
 def _listen(args: argparse.Namespace) -> int:
     from nkservice.client import Client
@@ -169,45 +449,69 @@ def _listen(args: argparse.Namespace) -> int:
     for spec in args.subscribe:
         parts = spec.split("/")
         if not parts[0] or len(parts) > 4:
-            print(f"nkservice listen: bad --subscribe {spec!r}", file=sys.stderr)
-            return 2
-        subscriptions.append([*parts, *["*"] * (4 - len(parts))])
-    password = _password(args)
+            raise _Failure(f"bad --subscribe {spec!r}: write CLASS[/SUBCLASS[/TYPE[/OBJ_ID]]], "
+                           "e.g. core/session or chat", 2)
+        subscriptions.append([part or "*" for part in [*parts, *["*"] * (4 - len(parts))]])
+    _check_url(args.url)
+    credentials = _credentials(args, "listen", needed=True)
+    assert credentials is not None
+    context = _tls_context(args)
+    url, timeout = args.url, args.timeout
+    listening = False
 
-    async def listen() -> None:
-        async with Client(args.url, ssl=_tls_context(args), reconnect=True) as client:
+    def say(text: str) -> None:
+        print(f"nkservice listen: {text}", file=sys.stderr, flush=True)
+
+    async def run() -> None:
+        nonlocal listening
+        client = Client(url, ssl=context, request_timeout=timeout, reconnect=True,
+                        on_disconnect=lambda reason: say(f"connection to {url} lost ({reason}); "
+                                                         "reconnecting"),
+                        on_reconnect=lambda: say(f"reconnected to {url}, subscribed again"))
+        try:
+            await _open(client, url, timeout)
             events = client.events()
-            await client.login(args.user, password or "")
+            await _login(client, url, credentials, timeout)
             for class_, subclass, type_, obj_id in subscriptions:
-                await client.subscribe(class_, subclass or "*", type_ or "*", obj_id or "*")
+                try:
+                    await client.subscribe(class_, subclass, type_, obj_id)
+                except (ApiError, ConnectionError, TimeoutError) as exc:
+                    what = f"the subscription to {'/'.join((class_, subclass, type_, obj_id))}"
+                    raise _answer_failure(url, what, exc, timeout) from None
+            listening = True
+            say(f"listening on {url} as {credentials[0]}; Ctrl-C stops")
             async for event in events:
                 print(json.dumps(event), flush=True)
+        finally:
+            await client.close()
 
-    try:
-        asyncio.run(listen())
-    except KeyboardInterrupt:
-        return 0
-    except (ApiError, OSError, TimeoutError) as exc:
-        return _failed("listen", exc)
+    with _client_logging(args.verbose):
+        try:
+            asyncio.run(run())
+        except KeyboardInterrupt:
+            if listening:
+                return 0  # the way to stop listening
+            raise
     return 0
 
 
-def _call(args: argparse.Namespace) -> int:
-    from nkservice.client import call
+# -- hash-password ---------------------------------------------------------------------------
 
-    if len(args.words) not in (2, 3):
-        print("nkservice call: give CLASS CMD or CLASS SUBCLASS CMD", file=sys.stderr)
-        return 2
-    class_, *subclass, cmd = args.words
-    try:
-        data: Any = json.loads(args.data)
-    except ValueError as exc:
-        print(f"nkservice call: --data is not JSON: {exc}", file=sys.stderr)
-        return 2
-    try:
-        answer = call(args.url, class_, cmd, data, subclass=subclass[0] if subclass else None,
-                      user=args.user, password=_password(args), ssl=_tls_context(args))
-    except (ApiError, OSError, TimeoutError) as exc:
-        return _failed("call", exc)
-    print(json.dumps({} if answer is None else answer, indent=2))  # no data means {} (§1.2)
+def _hash_password(args: argparse.Namespace) -> int:
+    password: str | None = args.password
+    if password is None:
+        if sys.stdin.isatty():
+            instead = "give the password as the argument"
+            password = _ask("password: ", secret=True, instead=instead)
+            if password and _ask("again: ", secret=True, instead=instead) != password:
+                raise _Failure("the two passwords differ; run it again")
+        else:
+            password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise _Failure("no password: give one as the argument, type it at the prompt, or "
+                       "pipe it on stdin", 2)
+    print(hash_password(password))
     return 0
+
+
+_COMMANDS = {"serve": _serve, "call": _call, "listen": _listen, "hash-password": _hash_password}
