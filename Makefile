@@ -28,3 +28,8 @@ bench: $(INSTALLED)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+# WebSocket conformance (Autobahn TestSuite, on Python 2.7); not part of `make test`.
+.PHONY: conformance
+conformance: $(INSTALLED)
+	$(BIN)/python bench/conformance/run.py

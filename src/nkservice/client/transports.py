@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from picows import WSCloseCode, WSError, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from nkservice.protocol.framing import FragmentAssembler, LineFramer, MessageTooLarge
+from nkservice.transport.picows_adapter import close_answer
 
 log = logging.getLogger(__name__)
 
@@ -131,23 +132,40 @@ class _WebSocketListener(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
         try:
-            if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
-                if frame.fin:
+            if frame.rsv1 or frame.rsv2 or frame.rsv3:  # no extension is ever negotiated
+                self._fail(transport, "reserved bits set")
+            elif kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+                if self._fragments.in_progress:
+                    self._fail(transport, "a new message inside a fragmented one")
+                elif frame.fin:
                     self._peer.message_received(frame.get_payload_as_bytes())
                 else:
                     self._fragments.start(frame.get_payload_as_bytes(), kind is WSMsgType.TEXT)
-            elif kind is WSMsgType.CONTINUATION and self._fragments.in_progress:
+            elif kind is WSMsgType.CONTINUATION:
+                if not self._fragments.in_progress:
+                    self._fail(transport, "unexpected continuation frame")
+                    return
                 self._fragments.add(frame.get_payload_as_bytes())
                 if frame.fin:
                     self._peer.message_received(self._fragments.finish())
             elif kind is WSMsgType.CLOSE:
                 if not transport.is_close_frame_sent:
-                    transport.send_close(frame.get_close_code())
+                    # The server's code echoed; 1000 when it gave none (code 0 may not be
+                    # sent), 1002 for a code no endpoint may send (RFC 6455 §7.4).
+                    transport.send_close(*close_answer(frame.payload_size,
+                                                       frame.get_close_code()))
                 transport.disconnect()
         except MessageTooLarge:
             log.warning("the server sent a message over %d bytes; closing", MAX_MESSAGE_SIZE)
             transport.send_close(WSCloseCode.MESSAGE_TOO_BIG)
             transport.disconnect()
+
+    @staticmethod
+    def _fail(transport: WSTransport, why: str) -> None:
+        log.warning("WebSocket protocol error from the server: %s; closing", why)
+        if not transport.is_close_frame_sent:
+            transport.send_close(WSCloseCode.PROTOCOL_ERROR, why.encode())
+        transport.disconnect()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self._close_timer is not None:

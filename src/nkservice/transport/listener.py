@@ -1,14 +1,18 @@
 """Listening sockets: one per host and port, serving newline JSON, WebSocket, or both.
 
 When a `tcp` and a `ws` URL (or `tls` and `wss`) share a port, each new connection starts
-with a `SniffingProtocol` that looks at its first bytes: an HTTP request line starts with
-an upper-case method name, a JSON message never does. It then hands the connection over to
-the protocol of that transport and replays the bytes it read.
+with a `SniffingProtocol` that reads its first line (PROTOCOL.md §2): an HTTP request line,
+`METHOD SP TARGET SP HTTP/1.x`, is HTTP (the WebSocket upgrade, or a 404); anything else is
+newline JSON (`HELLO` too: it gets `invalid_json`). The first read may hold part of that line
+only (`GE`): the decision waits for a newline, or for enough bytes to rule HTTP out (`{` does
+at once), within `MAX_REQUEST_LINE` bytes and the silence deadline. The connection is then
+handed over to the protocol of its transport, and the bytes read so far replayed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections.abc import Callable, Collection
 from typing import cast
@@ -19,9 +23,28 @@ from nkservice.transport.websocket import websocket_protocol_factory
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
+# Longer first lines are newline JSON (picows refuses HTTP requests over 16 KiB anyway).
+MAX_REQUEST_LINE = 8192
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"  # RFC 9110 §5.6.2: what a method name is made of
+REQUEST_LINE = re.compile(rb"%s+ [^ \r\n]+ HTTP/1\.[0-9]\r?" % _TOKEN)
+# Every prefix of a request line (without its newline), and nothing else.
+_REQUEST_LINE_START = re.compile(
+    rb"%s+(?: [^ \r\n]*(?: (?:H(?:T(?:T(?:P(?:/(?:1(?:\.(?:[0-9]\r?)?)?)?)?)?)?)?)?)?)?" % _TOKEN)
+
+
+def is_http(first_bytes: bytes) -> bool | None:
+    """Do these first bytes of a connection start an HTTP request? None: cannot tell yet."""
+    newline = first_bytes.find(b"\n")
+    if newline >= 0:
+        return REQUEST_LINE.fullmatch(first_bytes, 0, newline) is not None
+    if len(first_bytes) < MAX_REQUEST_LINE and _REQUEST_LINE_START.fullmatch(first_bytes):
+        return None
+    return False
+
 
 class SniffingProtocol(asyncio.Protocol):
-    __slots__ = ("_deadline", "_make_lines", "_make_websocket", "_silence_limit", "_transport")
+    __slots__ = ("_deadline", "_make_lines", "_make_websocket", "_read", "_silence_limit",
+                 "_transport")
 
     def __init__(self, make_lines: ProtocolFactory, make_websocket: ProtocolFactory,
                  silence_limit: float) -> None:
@@ -30,25 +53,33 @@ class SniffingProtocol(asyncio.Protocol):
         self._silence_limit = silence_limit
         self._transport: asyncio.Transport | None = None
         self._deadline: asyncio.TimerHandle | None = None
+        self._read = b""  # what came before the decision
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         self._transport = cast(asyncio.Transport, transport)
-        # A peer that says nothing has not logged in either: same deadline.
+        # A peer that says nothing (or not a whole first line) has not logged in either:
+        # same deadline.
         self._deadline = asyncio.get_running_loop().call_later(self._silence_limit,
                                                                transport.close)
 
     def data_received(self, data: bytes) -> None:
         assert self._transport is not None and self._deadline is not None
+        if self._read:
+            data = self._read + data
+        http = is_http(data)
+        if http is None:
+            self._read = data
+            return
+        self._read = b""
         self._deadline.cancel()
-        is_http = data[:1].isalpha() and data[:1].isupper()
-        protocol = (self._make_websocket if is_http else self._make_lines)()
+        protocol = (self._make_websocket if http else self._make_lines)()
         self._transport.set_protocol(protocol)
         protocol.connection_made(self._transport)
         _replay(protocol, data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._deadline is not None:  # gone before saying anything
+        if self._deadline is not None:  # gone before the decision
             self._deadline.cancel()
 
 
@@ -76,10 +107,8 @@ async def listen(accept: Accept, host: str, port: int, *, lines: bool, websocket
     def make_lines() -> asyncio.BaseProtocol:
         return LineProtocol(accept, lines_scheme)
 
-    # Frames a little over the message limit still reach us, so they get the protocol's
-    # message_too_large answer; far larger ones are cut off by picows itself.
     make_websocket = websocket_protocol_factory(accept, websocket_scheme, websocket_paths,
-                                                max_message_size * 2 + 1024)
+                                                max_message_size)
     factory: ProtocolFactory
     if lines and websocket_paths:
         def factory() -> asyncio.BaseProtocol:

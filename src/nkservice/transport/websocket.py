@@ -1,8 +1,10 @@
 """The `ws` and `wss` transports: one message per WebSocket frame (PROTOCOL.md §2), on picows.
 
 picows parses frames in C and hands each one to a `WSListener`; `MessageListener` joins
-fragmented messages, applies the size limit and the text-frame UTF-8 rule of §1.4, and
-passes whole messages to the `Connection`. Other HTTP requests get a plain 404.
+fragmented messages, applies the size limit and the text UTF-8 rule of §1.4, answers close
+frames, and passes whole messages to the `Connection`. Other HTTP requests get a plain 404.
+Frame headers are checked before picows sees them (`picows_adapter.GuardedProtocol`): a frame
+over the size limit gets the protocol's `message_too_large` answer without being read.
 
 picows writes every frame it is given with its own system call. The answers to the frames
 of one read are instead framed here and written together: a pipelining client costs one
@@ -13,24 +15,30 @@ call per read, not one per answer. That needs every frame of a read to reach the
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 from collections.abc import Callable, Collection
 
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest
-from picows.picows import WSAutoPingStrategy, WSProtocol  # type: ignore[attr-defined]
+from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport, WSUpgradeRequest
 
 from nkservice.protocol.connection import Connection, Goodbye
 from nkservice.protocol.framing import FragmentAssembler, MessageTooLarge
 from nkservice.transport.base import Accept, WakeUps, peer_address
+from nkservice.transport.picows_adapter import (
+    GuardedListener,
+    close_answer,
+    close_reason,
+    server_protocol,
+)
 
 log = logging.getLogger(__name__)
 
 PICOWS_LOGGER = "nkservice.transport.picows"
-HANDSHAKE_TIMEOUT = 5.0
-# The read buffer grows on demand; a small start keeps idle connections cheap.
-READ_BUFFER_INIT_SIZE = 1024
 _TEXT, _BINARY, _CONTINUATION, _CLOSE, _PING = (
     WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION, WSMsgType.CLOSE, WSMsgType.PING)
+# MessageListener._mode: whole messages expected / inside a fragmented message / closed
+_MESSAGES, _FRAGMENTS, _DONE = range(3)
+_Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 
 
 def text_frame_header(size: int) -> bytes:
@@ -42,9 +50,9 @@ def text_frame_header(size: int) -> bytes:
     return b"\x81\x7f" + size.to_bytes(8, "big")
 
 
-class MessageListener(WSListener):
-    __slots__ = ("_accept", "_batch", "_conn", "_fragments", "_max_size", "_paused",
-                 "_scheme", "_wakeups", "_ws")
+class MessageListener(GuardedListener):
+    __slots__ = ("_accept", "_batch", "_conn", "_fragments", "_max_size", "_mode", "_paused",
+                 "_scheme", "_utf8", "_wakeups", "_ws")
 
     def __init__(self, accept: Accept, scheme: str) -> None:
         super().__init__()
@@ -54,6 +62,8 @@ class MessageListener(WSListener):
         self._conn: Connection | None = None
         self._wakeups: WakeUps | None = None
         self._fragments: FragmentAssembler | None = None  # made for the first fragmented message
+        self._utf8: codecs.IncrementalDecoder | None = None  # checks fragmented text as it comes
+        self._mode = _MESSAGES
         self._max_size = 0
         self._paused = False  # the socket's send buffer is over its high-water mark
         self._batch: list[bytes] | None = None  # a list while the frames of a read are handled
@@ -71,7 +81,10 @@ class MessageListener(WSListener):
         if self._batch is None:
             self._batch = []
         try:
-            self._frame(transport, frame)
+            if self._mode:
+                self._unusual_frame(transport, frame)
+            else:
+                self._frame(transport, frame)
         finally:
             if frame.last_in_buffer:
                 self._flush()
@@ -84,11 +97,32 @@ class MessageListener(WSListener):
             else:
                 self._first_fragment(frame.get_payload_as_bytes(), kind is _TEXT)
         elif kind is _CONTINUATION:
+            self.fail(transport, WSCloseCode.PROTOCOL_ERROR, "unexpected continuation frame")
+        else:
+            self._control(transport, frame, kind)
+
+    def _unusual_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        """A frame inside a fragmented message, or after the close."""
+        if self._mode == _DONE:
+            return
+        kind = frame.msg_type
+        if kind is _CONTINUATION:
             self._next_fragment(frame.get_payload_as_bytes(), frame.fin)
-        elif kind is _CLOSE:
+        elif kind is _TEXT or kind is _BINARY:
+            self.fail(transport, WSCloseCode.PROTOCOL_ERROR,
+                      "a new message inside a fragmented one")
+        else:
+            self._control(transport, frame, kind)
+
+    def _control(self, transport: WSTransport, frame: WSFrame, kind: WSMsgType) -> None:
+        if kind is _CLOSE:
             self._flush()
-            transport.send_close(frame.get_close_code())
+            self._mode = _DONE
+            if not transport.is_close_frame_sent:
+                transport.send_close(*close_answer(frame.payload_size, frame.get_close_code()))
             transport.disconnect()
+            if self._conn is not None:
+                self._conn.lost()  # nothing more may be sent after the close frame
         elif kind is _PING:
             self._flush()
             transport.send_pong(frame.get_payload_as_bytes())
@@ -98,7 +132,8 @@ class MessageListener(WSListener):
         if len(payload) > self._max_size:
             self._conn.message_too_large()
         elif is_text and not payload.isascii() and not _is_utf8(payload):
-            self._close_transport(WSCloseCode.INVALID_TEXT, "invalid UTF-8 in a text frame")
+            assert self._ws is not None
+            self.fail(self._ws, WSCloseCode.INVALID_TEXT, "invalid UTF-8 in a text frame")
         else:
             self._conn.receive(payload)
 
@@ -106,16 +141,23 @@ class MessageListener(WSListener):
         assert self._conn is not None
         if self._fragments is None:
             self._fragments = FragmentAssembler(self._max_size)
+        self._mode = _FRAGMENTS
+        if is_text:
+            if self._utf8 is None:
+                self._utf8 = _Utf8Decoder()
+            else:
+                self._utf8.reset()
+            if not self._utf8_ok(payload, False):
+                return
         try:
             self._fragments.start(payload, is_text)
         except MessageTooLarge:
             self._conn.message_too_large()
 
     def _next_fragment(self, payload: bytes, fin: bool) -> None:
-        assert self._conn is not None
+        assert self._conn is not None and self._fragments is not None
         fragments = self._fragments
-        if fragments is None or not fragments.in_progress:
-            self._close_transport(WSCloseCode.PROTOCOL_ERROR, "unexpected continuation frame")
+        if fragments.is_text and not self._utf8_ok(payload, fin):
             return
         try:
             fragments.add(payload)
@@ -123,9 +165,35 @@ class MessageListener(WSListener):
             self._conn.message_too_large()
             return
         if fin:
-            self._message(fragments.finish(), fragments.is_text)
+            self._mode = _MESSAGES
+            self._message(fragments.finish(), False)  # its UTF-8 was checked piece by piece
+
+    def _utf8_ok(self, payload: bytes, final: bool) -> bool:
+        """Fail fast: a text message is closed 1007 at its first fragment that cannot be
+        UTF-8, not once it is whole."""
+        assert self._utf8 is not None
+        try:
+            self._utf8.decode(payload, final)
+        except UnicodeDecodeError:
+            assert self._ws is not None
+            self.fail(self._ws, WSCloseCode.INVALID_TEXT, "invalid UTF-8 in a text message")
+            return False
+        return True
+
+    def frame_too_large(self, transport: WSTransport) -> None:
+        if self._conn is None or self._mode == _DONE:
+            transport.disconnect()
+        else:
+            self._conn.message_too_large()  # the answer, then the close (1009)
+
+    def fail(self, transport: WSTransport, code: WSCloseCode, reason: str) -> None:
+        """A WebSocket protocol error: close with `code`; the connection is over at once."""
+        self._close_transport(code, reason)
+        if self._conn is not None:
+            self._conn.lost()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self._mode = _DONE
         if self._wakeups is not None:
             self._wakeups.cancel()
         if self._conn is not None:
@@ -139,7 +207,9 @@ class MessageListener(WSListener):
     def _close_transport(self, code: WSCloseCode, reason: str) -> None:
         assert self._ws is not None
         self._flush()
-        self._ws.send_close(code, reason.encode()[:120])
+        self._mode = _DONE
+        if not self._ws.is_close_frame_sent:
+            self._ws.send_close(code, close_reason(reason))
         self._ws.disconnect()
 
     # -- Wire --------------------------------------------------------------------------------
@@ -182,29 +252,20 @@ def _is_utf8(payload: bytes) -> bool:
 
 
 def websocket_protocol_factory(accept: Accept, scheme: str, paths: Collection[str],
-                               max_frame_size: int) -> Callable[[], asyncio.BufferedProtocol]:
-    """An asyncio protocol factory for a WebSocket listener serving `paths`."""
+                               max_message_size: int, *,
+                               listener: type[MessageListener] = MessageListener,
+                               ) -> Callable[[], asyncio.BufferedProtocol]:
+    """An asyncio protocol factory for a WebSocket listener serving `paths`. (`listener`:
+    the conformance harness, bench/conformance/, puts an echo in the Connection's place.)"""
     wanted = {path.encode() for path in paths}
 
     def route(request: WSUpgradeRequest) -> MessageListener | None:
         path = request.path.split(b"?", 1)[0]
-        return MessageListener(accept, scheme) if path in wanted else None  # None → 404
+        return listener(accept, scheme) if path in wanted else None  # None → 404
 
     server_log = logging.getLogger(PICOWS_LOGGER)
 
     def make() -> asyncio.BufferedProtocol:
-        # picows.ws_create_server builds the same object; building it here lets a listener
-        # hand a sniffed connection over to it (see sniffing.py).
-        protocol: asyncio.BufferedProtocol = WSProtocol(
-            None, None, False, route, server_log,
-            True,  # disconnect_on_exception
-            HANDSHAKE_TIMEOUT,
-            False, 20.0, 20.0, WSAutoPingStrategy.PING_WHEN_IDLE,  # WebSocket-level pings: off
-            False,  # enable_auto_pong: MessageListener answers pings (see above)
-            max_frame_size,
-            None,  # extra_headers
-            READ_BUFFER_INIT_SIZE,
-        )
-        return protocol
+        return server_protocol(route, max_message_size, server_log)
 
     return make
