@@ -68,7 +68,9 @@ async def open_transport(url: str, peer: Peer, *,
                                            ssl_context=context, max_frame_size=MAX_MESSAGE_SIZE)
         except WSError as exc:  # e.g. a 404: callers handle one kind of connect failure
             raise ConnectionError(f"WebSocket handshake with {url} failed: {exc}") from exc
-        assert isinstance(listener, _WebSocketListener)
+        if not isinstance(listener, _WebSocketListener):  # closed during the handshake
+            raise ConnectionError(f"WebSocket handshake with {url} failed: the connection "
+                                  "was closed")
         return listener
     loop = asyncio.get_running_loop()
     _, protocol = await loop.create_connection(
@@ -108,6 +110,8 @@ class _LineProtocol(asyncio.Protocol):
 
     def send(self, data: bytes) -> None:
         assert self._transport is not None
+        if self._transport.is_closing():  # the peer is gone: nowhere to write (no warning)
+            return
         self._transport.writelines((data, b"\n"))
 
     def close(self) -> None:
@@ -124,6 +128,7 @@ class _WebSocketListener(WSListener):
         self._ws: WSTransport | None = None
         self._fragments = FragmentAssembler(MAX_MESSAGE_SIZE)
         self._close_timer: asyncio.TimerHandle | None = None
+        self._closed_by: ConnectionError | None = None  # the server's close frame, if any
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self._ws = transport
@@ -149,6 +154,10 @@ class _WebSocketListener(WSListener):
                 if frame.fin:
                     self._peer.message_received(self._fragments.finish())
             elif kind is WSMsgType.CLOSE:
+                reason = (frame.get_close_message() or b"").decode(errors="replace")
+                self._closed_by = ConnectionError(
+                    f"closed by the server ({frame.get_close_code().value}): "
+                    f"{reason or 'no reason given'}")
                 if not transport.is_close_frame_sent:
                     # The server's code echoed; 1000 when it gave none (code 0 may not be
                     # sent), 1002 for a code no endpoint may send (RFC 6455 §7.4).
@@ -170,10 +179,12 @@ class _WebSocketListener(WSListener):
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self._close_timer is not None:
             self._close_timer.cancel()
-        self._peer.connection_lost(None)
+        self._peer.connection_lost(self._closed_by)
 
     def send(self, data: bytes) -> None:
         assert self._ws is not None
+        if self._ws.is_disconnected or self._ws.underlying_transport.is_closing():
+            return  # the peer is gone: writing would only log a warning per message
         self._ws.send(WSMsgType.TEXT, data)
 
     def close(self) -> None:
