@@ -19,8 +19,8 @@ run: $(INSTALLED)
 	$(BIN)/nkservice serve $(if $(CONFIG),--config $(CONFIG))
 
 test: $(INSTALLED)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/mypy --strict src tests
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/mypy --strict src tests examples
 	$(BIN)/pytest -q
 
 bench: $(INSTALLED)
