@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import callbacks
 import fanout
 import matching
+from callbacks import CallbackRow
 from fanout import FanoutRow
 from matching import MatchingRow, MicroRow
 from memory import MemoryRow
@@ -254,6 +256,83 @@ def memory_table(rows: list[MemoryRow]) -> str:
             ]
         )
     return markdown_table(header, cells)
+
+
+def callbacks_table(rows: list[CallbackRow]) -> str:
+    header = [
+        "measure",
+        "scenario",
+        "through",
+        "per second",
+        "range",
+        "vs",
+        "server µs each",
+        "µs added (range)",
+        "server CPU",
+        "client CPU",
+        "notes",
+    ]
+    cells = []
+    for row in rows:
+        sc = row.scenario
+        first = [sc.measure, sc.label, sc.via]
+        res = row.result
+        if res is None:
+            cells.append([*first, *["-"] * 7, f"FAILED: {_first_line(row.failure)}"])
+            continue
+        rates = [sample["rate"] for sample in row.samples]
+        ratio = callbacks.ratio(rows, row)
+        added = callbacks.added_us(rows, row)
+        cells.append(
+            [
+                *first,
+                _num(res["rate"]),
+                f"{_num(min(rates))}-{_num(max(rates))}",
+                f"{ratio:.2f}x {callbacks.baseline_name(row)}" if ratio is not None else "-",
+                _num(callbacks.server_us(res), ".1f"),
+                f"{added[0]:+.1f} ({added[1]:+.1f} to {added[2]:+.1f})" if added else "-",
+                _num(res["server_cpu_pct"], ".0f") + "%",
+                _num(res["client_cpu_pct"], ".0f") + "%",
+                _callback_notes(res, slack=callbacks.in_flight(sc)),
+            ]
+        )
+    return markdown_table(header, cells)
+
+
+# Above this, something else used the server's core in that round (other processes, or
+# kernel work for the server that its own CPU time does not show).
+_OTHER_WORK_NOTE_PCT = 20.0
+
+
+def _callback_notes(res: dict[str, Any], *, slack: int) -> str:
+    notes = []
+    idle, steal = res.get("server_core_idle_pct"), res.get("steal_pct")
+    if idle is not None and idle > _IDLE_NOTE_PCT:
+        notes.append(f"server core {idle:.0f}% idle")
+    server = res.get("server_cpu_pct")
+    if idle is not None and server is not None:
+        other = 100 - idle - server
+        if other > _OTHER_WORK_NOTE_PCT:
+            notes.append(f"server core {other:.0f}% other work")
+    if steal is not None and steal > _STEAL_NOTE_PCT:
+        notes.append(f"VM steal {steal:.0f}%")
+    if res["client_cpu_pct"] >= _CLIENT_BUSY_PCT:
+        notes.append("client busy")
+    if res["errors"]:
+        notes.append(f"{res['errors']} error answers")
+    if res.get("connect_failures"):
+        notes.append(f"{res['connect_failures']} connects failed")
+    if res.get("stuck"):
+        notes.append(f"{res['stuck']} logins unfinished at the end")
+    # One callback per login or request; those in flight at the period's edges may be
+    # counted on one side and their answers on the other.
+    if abs(res["callbacks"] - res["expected_callbacks"]) > slack:
+        notes.append(f"{res['callbacks']} callbacks for {res['expected_callbacks']} answers")
+    if res["server_requests"]:
+        notes.append(f"{res['server_requests']} server requests answered")
+    if res["disconnected"]:
+        notes.append(f"{res['disconnected']} connections dropped")
+    return "; ".join(notes)
 
 
 def _first_line(text: str | None) -> str:

@@ -1,7 +1,9 @@
-"""nkservice benchmark: request round trips, memory per session, event fan-out and
-subscription matching, against bare servers built on the same libraries.
+"""nkservice benchmark: request round trips, memory per session, event fan-out,
+subscription matching (against bare servers built on the same libraries), and what callbacks
+to external apps and Lua hooks cost.
 
-    .venv/bin/python bench/run.py [--quick] [--only roundtrip|memory|fanout|matching ...]
+    .venv/bin/python bench/run.py [--quick]
+                                  [--only roundtrip|memory|fanout|matching|callbacks ...]
                                   [--server NAME ...]
 
 Every server runs in its own process and the load generator in another, each pinned to its
@@ -22,6 +24,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+import callbacks
 import fanout
 import matching
 import memory
@@ -40,7 +43,7 @@ from servers import (
     ServerSpec,
 )
 
-SECTIONS = ("roundtrip", "memory", "fanout", "matching")
+SECTIONS = ("roundtrip", "memory", "fanout", "matching", "callbacks")
 FULL_TIMING = roundtrip.Timing(warmup=1.0, duration=4.0, rounds=5)
 QUICK_TIMING = roundtrip.Timing(warmup=0.5, duration=1.5, rounds=1)
 FULL_COUNTS = [1000, 10000]
@@ -53,6 +56,8 @@ QUICK_FANOUT = fanout.FanoutTiming(rounds=1, publishes=10, warmup=2, pipelined_d
 MATCHING_COUNTS = [1_000, 100_000]
 FULL_MATCHING = matching.MatchingTiming(rounds=5, warmup=1.0, duration=3.0, window=32)
 QUICK_MATCHING = matching.MatchingTiming(rounds=1, warmup=0.5, duration=1.5, window=32)
+FULL_CALLBACKS = callbacks.CallbackTiming(warmup=1.0, duration=4.0, rounds=5)
+QUICK_CALLBACKS = callbacks.CallbackTiming(warmup=0.5, duration=1.5, rounds=1)
 _LOG_PROBLEM = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b|Exception")
 
 
@@ -178,6 +183,24 @@ def _matching_section(
     return rows, micro_rows
 
 
+def _callbacks_section(ctx: RunContext, *, quick: bool) -> list[callbacks.CallbackRow]:
+    timing = QUICK_CALLBACKS if quick else FULL_CALLBACKS
+    title = (
+        f"nkservice on tcp, median of {timing.rounds} interleaved rounds,"
+        f" each {timing.warmup:g} s warm-up + {timing.duration:g} s measured;"
+        " vs: the row's baseline in the same round"
+    )
+    print(f"## Callbacks and Lua: logins and round trips through an app or a script ({title})\n",
+          flush=True)
+    rows = callbacks.run(ctx, timing)
+    print(report.callbacks_table(rows), flush=True)
+    _print_failures(
+        [(f"nkservice callbacks {r.scenario.via}", r.failure) for r in rows if r.failure]
+    )
+    print()
+    return rows
+
+
 def main() -> int:
     args = _parse_args()
     nofile = raise_nofile_limit()  # inherited by the servers and the load generator
@@ -194,6 +217,7 @@ def main() -> int:
     fan_rows: list[fanout.FanoutRow] = []
     match_rows: list[matching.MatchingRow] = []
     micro_rows: list[matching.MicroRow] = []
+    callback_rows: list[callbacks.CallbackRow] = []
 
     if "roundtrip" in sections:
         timing = QUICK_TIMING if args.quick else FULL_TIMING
@@ -235,6 +259,10 @@ def main() -> int:
         match_rows, micro_rows = _matching_section(ctx, quick=args.quick)
         failed |= any(r.failure for r in match_rows)
 
+    if "callbacks" in sections and NKSERVICE in chosen:
+        callback_rows = _callbacks_section(ctx, quick=args.quick)
+        failed |= any(r.failure for r in callback_rows)
+
     # Every sample of every round, for a closer look than the medians in the tables.
     results = {
         "roundtrip": rows,
@@ -242,6 +270,7 @@ def main() -> int:
         "fanout": fan_rows,
         "matching": match_rows,
         "match_micro": micro_rows,
+        "callbacks": callback_rows,
     }
     (ctx.log_dir / "results.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     problems = _log_problems(ctx.log_dir)
