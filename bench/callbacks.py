@@ -57,10 +57,12 @@ class Scenario:
     apps: int = 0
     request: str = "ping"
     baseline: str | None = None  # the key of the row it is compared with
+    window: int = WINDOW  # requests in flight per connection
 
 
 _LOGIN_LABEL = f"connect+login+close, {LOGIN_CONCURRENCY} loops"
 _RT_LABEL = f"pipelined ({CONNS}x{WINDOW})"
+_RT1_LABEL = f"one at a time ({CONNS}x1)"
 SCENARIOS = (
     Scenario("login-static", "logins", _LOGIN_LABEL, "static users", "login", "demo"),
     Scenario("login-app1", "logins", _LOGIN_LABEL, "login callback, 1 app", "login", "demo",
@@ -72,6 +74,11 @@ SCENARIOS = (
              apps=1, request="bench", baseline="rt-ping"),
     Scenario("rt-lua", "round trips", _RT_LABEL, "Lua cmd hook (empty)", "roundtrip",
              "demo_lua", request="bench", baseline="rt-ping"),
+    # Two hops cost most where each request waits for its answer before the next one.
+    Scenario("rt1-ping", "round trips", _RT1_LABEL, "core ping", "roundtrip", "demo",
+             window=1),
+    Scenario("rt1-app", "round trips", _RT1_LABEL, "cmd callback, 1 app", "roundtrip", "demo",
+             apps=1, request="bench", baseline="rt1-ping", window=1),
 )
 
 
@@ -148,7 +155,7 @@ def _measure(ctx: RunContext, server: ServerProcess, scenario: Scenario,
         f"--apps={scenario.apps}",
         f"--request={scenario.request}",
         f"--conns={LOGIN_CONCURRENCY if scenario.mode == 'login' else CONNS}",
-        f"--window={WINDOW}",
+        f"--window={scenario.window}",
         f"--warmup={timing.warmup}",
         f"--duration={timing.duration}",
         f"--server-pid={server.pid}",
@@ -207,7 +214,7 @@ def added_us(rows: list[CallbackRow], row: CallbackRow) -> tuple[float, float, f
 
 def in_flight(scenario: Scenario) -> int:
     """Logins or requests in progress at once."""
-    return LOGIN_CONCURRENCY if scenario.mode == "login" else CONNS * WINDOW
+    return LOGIN_CONCURRENCY if scenario.mode == "login" else CONNS * scenario.window
 
 
 def baseline_name(row: CallbackRow) -> str:

@@ -10,6 +10,7 @@ goes once more to another one; with none left, the link applies the fallback of 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +28,6 @@ from nkservice.service.contracts import (
     LoginDecision,
 )
 from nkservice.service.logic import Link
-from nkservice.service.waiters import FutureWaiter
 
 log = logging.getLogger(__name__)
 
@@ -68,27 +68,74 @@ class LocalCallbacks:
                 for app in apps]
 
     def _next(self, key: CallbackKey, tried: list[Caller]) -> Caller | None:
-        apps = [app for app in self._apps.get(key, ()) if app not in tried]
+        apps = self._apps.get(key, [])
+        if tried:
+            apps = [app for app in apps if app not in tried]
         if not apps:
             return None
         turn = self._turn.get(key, 0)
         self._turn[key] = turn + 1
         return apps[turn % len(apps)]
 
-    async def call(self, key: CallbackKey, cmd: str, data: Any, *,
-                   on_ack: Callable[[], None] | None = None) -> Response | None:
-        tried: list[Caller] = []
-        while len(tried) < 2 and (app := self._next(key, tried)) is not None:
-            tried.append(app)
-            waiter = FutureWaiter(on_ack=on_ack)
-            app.conn.send_request("core", cmd, data, subclass=CALLBACK_SUBCLASS, waiter=waiter)
-            try:
-                return await waiter.response()
-            except ApiError as error:  # its connection ended (a missed deadline closes it)
-                log.warning("callback %s of %s: app %s failed (%s)%s", cmd, key.service,
-                            app.session_id, error.text,
-                            "; trying another" if len(tried) < 2 else "")
-        return None
+    def call(self, key: CallbackKey, cmd: str, data: Any, *,
+             on_ack: Callable[[], None] | None = None,
+             decide: Callable[[Response | None], Any] = lambda answer: answer
+             ) -> asyncio.Future[Any]:
+        relay = _Relay(self, key, cmd, data, on_ack, decide)
+        relay.ask_next()
+        return relay.result
+
+
+class _Relay:
+    """One fired callback: the `Waiter` of the app's answer, which asks a second app when
+    the first one's connection ends. No task: it runs from the connections' own events."""
+
+    __slots__ = ("_callbacks", "_cmd", "_data", "_decide", "_key", "_on_ack", "result",
+                 "tried")
+
+    def __init__(self, callbacks: LocalCallbacks, key: CallbackKey, cmd: str, data: Any,
+                 on_ack: Callable[[], None] | None,
+                 decide: Callable[[Response | None], Any]) -> None:
+        self._callbacks = callbacks
+        self._decide = decide
+        self._key = key
+        self._cmd = cmd
+        self._data = data
+        self._on_ack = on_ack
+        self.tried: list[Caller] = []
+        self.result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def _settle(self, answer: Response | None) -> None:
+        try:
+            self.result.set_result(self._decide(answer))
+        except Exception as exc:  # an ApiError for the user, or a bug: reported there
+            self.result.set_exception(exc)
+
+    def ask_next(self) -> None:
+        app = self._callbacks._next(self._key, self.tried) if len(self.tried) < 2 else None
+        if app is None:
+            self._settle(None)
+            return
+        self.tried.append(app)
+        app.conn.send_request("core", self._cmd, self._data, subclass=CALLBACK_SUBCLASS,
+                              waiter=self)
+
+    def answered(self, response: Response) -> None:
+        if not self.result.done():
+            self._settle(response)
+
+    def acked(self) -> None:
+        if self._on_ack is not None and not self.result.done():
+            self._on_ack()
+
+    def failed(self, error: ApiError) -> None:
+        """Its connection ended (a missed deadline closes it)."""
+        if self.result.done():
+            return
+        log.warning("callback %s of %s: app %s failed (%s)%s", self._cmd, self._key.service,
+                    self.tried[-1].session_id, error.text,
+                    "; trying another" if len(self.tried) < 2 else "")
+        self.ask_next()
 
 
 def _authorized(answer: Response, what: str) -> tuple[bool, dict[str, Any]]:
@@ -105,6 +152,15 @@ def _authorized(answer: Response, what: str) -> tuple[bool, dict[str, Any]]:
         log.warning("invalid_reply to %s: authorized is %r", what, authorized)
         return False, {}
     return False, fields
+
+
+def _command_answer(answer: Response | None) -> Any:
+    """The user's answer to a request of a `cmd` callback: the app's (errors included)."""
+    if answer is None:
+        raise ApiError(ErrorCode.service_unavailable)
+    if answer.ok:
+        return answer.data
+    raise answer.error()
 
 
 def _text(fields: dict[str, Any], name: str) -> str | None:
@@ -164,19 +220,14 @@ class CallbackLink(Link):
         key = CallbackKey(self._service, "cmd", request.class_)
         if not self._callbacks.registered(key):
             return CONTINUE
-        return self._ask_command(key, caller, request)
-
-    async def _ask_command(self, key: CallbackKey, caller: Caller, request: Request) -> Any:
-        answer = await self._callbacks.call(key, "api_server_cmd", {
+        # Asked at once and answered from a future's callback: no task per request, and the
+        # request to the app goes out with the rest of what this read produced.
+        asked: asyncio.Future[Any] = self._callbacks.call(key, "api_server_cmd", {
             "service": self._service, "user": caller.user, "session_id": caller.session_id,
             "request": {"class": request.class_, "subclass": request.subclass,
                         "cmd": request.cmd, "data": request.data}},
-            on_ack=lambda: caller.conn.ack(request.tid))
-        if answer is None:
-            raise ApiError(ErrorCode.service_unavailable)
-        if answer.ok:
-            return answer.data
-        raise answer.error()
+            on_ack=lambda: caller.conn.ack(request.tid), decide=_command_answer)
+        return asked
 
     def client_event(self, caller: Caller, request: Request) -> Continue | Any:
         keys = [key for key in (CallbackKey(self._service, "event", request.class_),

@@ -15,10 +15,11 @@ second implementation (a cluster registry, a plugin's link) plugs in without tou
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Protocol, TypeAlias, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeAlias, TypeVar
 
 from nkservice.events.fanout import Events, Subscriber
 from nkservice.events.index import Subscription, Topic
@@ -226,10 +227,14 @@ class SessionRegistry(Protocol):
 CALLBACK_KINDS = ("login", "subscribe", "cmd", "event")
 
 
-@dataclass(frozen=True, slots=True)
-class CallbackKey:
+def _answer(answer: Response | None) -> Response | None:
+    return answer
+
+
+class CallbackKey(NamedTuple):
     """What an app registers for: a kind of callback of a service (and, for `cmd` and
-    `event`, a class; `None` for an `event` registration of every class)."""
+    `event`, a class; `None` for an `event` registration of every class). A tuple: it is
+    hashed for every request of a non-core class."""
 
     service: str
     kind: str
@@ -250,8 +255,10 @@ class CallbackRegistry(Protocol):
     async def listing(self, service: str | None) -> list[dict[str, Any]]:
         """`{callback, class, service, session_id}` of each registration (of one service)."""
 
-    async def call(self, key: CallbackKey, cmd: str, data: Any, *,
-                   on_ack: Callable[[], None] | None = None) -> Response | None:
-        """Send the callback request `cmd` to one registered app, round-robin, and return its
-        answer; when that app drops or misses its deadline, once more to another one. None
-        when no app was left to answer: the caller applies the fallback of §7."""
+    def call(self, key: CallbackKey, cmd: str, data: Any, *,
+             on_ack: Callable[[], None] | None = None,
+             decide: Callable[[Response | None], Any] = _answer) -> asyncio.Future[Any]:
+        """Send the callback request `cmd` to one registered app, round-robin, at once; the
+        future gets `decide(its answer)` (or what `decide` raised). When that app drops or
+        misses its deadline, the request goes once more to another one. The answer is None
+        when no app was left to answer: `decide` applies the fallback of §7."""

@@ -6,13 +6,16 @@ a session's start and stop — and for each one either decides or passes to the 
 returning `CONTINUE` (the original's `continue`). Callbacks to external apps, Python plugins
 and Lua scripts are links; the base answers what nobody above it decided.
 
-A link answers at once, or returns an awaitable of its answer (which may itself be
-`CONTINUE`: the chain then goes on below that link). When every link of a hook answers at
-once the chain does too, so the core commands cost no task and no await.
+A link answers at once, or returns an awaitable of its answer: a coroutine, whose result
+may itself be `CONTINUE` (the chain then goes on below that link), or an `asyncio.Future`,
+a decision still to come, which is final (it is answered from its callback, with no task).
+When every link of a hook answers at once the chain does too, so the core commands cost no
+task and no await.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeGuard, TypeVar, cast
@@ -97,6 +100,8 @@ class LogicChain:
             outcome = link.command(caller, request)
             if outcome is CONTINUE:
                 continue
+            if isinstance(outcome, asyncio.Future):  # final: see the module's text
+                return outcome
             if is_pending(outcome):
                 return _settle(links, index + 1, lambda link: link.command(caller, request),
                                outcome)

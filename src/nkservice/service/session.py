@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from nkservice.errors import ApiError, ErrorCode
@@ -126,6 +127,8 @@ class Session:
             if result is CONTINUE:  # no link answered: a chain without its base
                 raise ApiError(ErrorCode.unknown_class, request.class_)
             self.conn.reply(request.tid, result)
+        elif isinstance(result, asyncio.Future):  # a decision to come: no task for it
+            result.add_done_callback(partial(self._answer_when_done, request))
         elif is_pending(result):
             self.service.spawn(self._answer_later(request, result))
         else:
@@ -144,6 +147,17 @@ class Session:
             self.conn.reply_error(request.tid, ApiError(ErrorCode.internal_error))
         else:
             self.conn.reply(request.tid, None if result is CONTINUE else result)
+
+    def _answer_when_done(self, request: Request, done: asyncio.Future[Any]) -> None:
+        if done.cancelled():
+            self.conn.reply_error(request.tid, ApiError(ErrorCode.internal_error))
+        elif (error := done.exception()) is None:
+            self.conn.reply(request.tid, done.result())
+        elif isinstance(error, ApiError):
+            self.conn.reply_error(request.tid, error)
+        else:
+            log.error("request %s/%s failed", request.class_, request.cmd, exc_info=error)
+            self.conn.reply_error(request.tid, ApiError(ErrorCode.internal_error))
 
     async def _see_event(self, request: Request, seen: Awaitable[Any]) -> None:
         try:

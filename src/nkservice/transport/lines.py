@@ -11,11 +11,12 @@ from nkservice.transport.base import Accept, WakeUps, peer_address
 
 
 class LineProtocol(asyncio.Protocol):
-    """Newline framing. The answers to everything one read brought are written together,
-    in one system call, instead of one call per answer (pipelining clients send many)."""
+    """Newline framing. What one read brings about, or one turn of the event loop (events,
+    callback requests, answers that came later), is written together in one system call,
+    not one call per message: pipelining clients and fan-outs send many."""
 
-    __slots__ = ("_accept", "_batch", "_conn", "_framer", "_paused", "_scheme", "_transport",
-                 "_wakeups")
+    __slots__ = ("_accept", "_batch", "_call_soon", "_conn", "_framer", "_paused", "_scheme",
+                 "_transport", "_wakeups")
 
     def __init__(self, accept: Accept, scheme: str) -> None:
         self._accept = accept
@@ -31,6 +32,7 @@ class LineProtocol(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         self._transport = cast(asyncio.Transport, transport)
         loop = asyncio.get_running_loop()
+        self._call_soon = loop.call_soon
         self._wakeups = WakeUps(loop)
         host, port = peer_address(transport)
         self._conn = self._accept(self, loop.time, self._scheme, host, port)
@@ -45,7 +47,8 @@ class LineProtocol(asyncio.Protocol):
             self._conn.message_too_large()
             return
         receive = self._conn.receive
-        self._batch = []
+        if self._batch is None:
+            self._batch = []
         try:
             for message in messages:
                 receive(message)
@@ -70,11 +73,11 @@ class LineProtocol(asyncio.Protocol):
     # -- Wire --------------------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        if self._batch is not None:
-            self._batch += (data, b"\n")
-        else:
-            assert self._transport is not None
-            self._transport.write(data + b"\n")
+        batch = self._batch
+        if batch is None:  # outside a read: written at the end of this turn of the loop
+            self._batch = batch = []
+            self._call_soon(self._flush)
+        batch += (data, b"\n")
 
     def close(self, goodbye: Goodbye) -> None:
         assert self._transport is not None

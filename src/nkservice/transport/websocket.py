@@ -6,9 +6,11 @@ frames, and passes whole messages to the `Connection`. Other HTTP requests get a
 Frame headers are checked before picows sees them (`picows_adapter.GuardedProtocol`): a frame
 over the size limit gets the protocol's `message_too_large` answer without being read.
 
-picows writes every frame it is given with its own system call. The answers to the frames
-of one read are instead framed here and written together: a pipelining client costs one
-call per read, not one per answer. That needs every frame of a read to reach the listener
+picows writes every frame it is given with its own system call. Frames are instead built
+here and written together: the answers to the frames of one read at its end, and what is
+sent outside a read (events, callback requests, answers that came later) at the end of the
+turn of the event loop. A pipelining client costs one call per read, a fan-out one call per
+receiver, not one per message. That needs every frame of a read to reach the listener
 (`last_in_buffer` marks the end), so pings are answered here rather than by picows.
 """
 
@@ -66,7 +68,7 @@ class MessageListener(GuardedListener):
         self._mode = _MESSAGES
         self._max_size = 0
         self._paused = False  # the socket's send buffer is over its high-water mark
-        self._batch: list[bytes] | None = None  # a list while the frames of a read are handled
+        self._batch: list[bytes] | None = None  # frames to write together (see above)
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self._ws = transport
@@ -215,11 +217,11 @@ class MessageListener(GuardedListener):
     # -- Wire --------------------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        if self._batch is not None:
-            self._batch += (text_frame_header(len(data)), data)
-        else:
-            assert self._ws is not None
-            self._ws.send(_TEXT, data)
+        batch = self._batch
+        if batch is None:  # outside a read: written at the end of this turn of the loop
+            self._batch = batch = []
+            asyncio.get_running_loop().call_soon(self._flush)
+        batch += (text_frame_header(len(data)), data)
 
     def close(self, goodbye: Goodbye) -> None:
         self._close_transport(WSCloseCode(goodbye.code), goodbye.reason)
