@@ -109,3 +109,40 @@ async def test_bad_registrations() -> None:
     alice = Client(node.services["demo"])
     await alice.login("alice", "pw1")
     assert code_of(await alice.request("register_callback", {"callback": "login"})) == 100030
+
+
+async def test_client_events_reach_event_callbacks_of_their_class_or_all() -> None:
+    node = setup()
+    (chat_only,) = await apps_for(node, 1, {"service": "demo", "callback": "event",
+                                           "class": "chat"})
+    (every_class,) = await apps_for(node, 1, {"service": "demo", "callback": "event"})
+    alice = Client(node.services["demo"])
+    await alice.login("alice", "pw1")
+    assert (await alice.request("event", {"typing": True}, class_="chat"))["result"] == "ok"
+    for app in (chat_only, every_class):
+        told = await app.wire.recv()
+        assert (told["cmd"], told["data"]["user"], told["data"]["event"]) == (
+            "api_server_event", "alice", {"class": "chat", "subclass": None,
+                                          "data": {"typing": True}})
+        send(app, {"result": "ok", "tid": told["tid"]})
+    await alice.request("event", {"x": 1}, class_="media")
+    assert (await every_class.wire.recv())["data"]["event"]["class"] == "media"
+    assert chat_only.wire.inbox.empty()
+
+
+async def test_answers_of_the_wrong_shape_are_refusals() -> None:
+    node = setup()
+    (app,) = await apps_for(node, 1, {"class": "demo", "callback": "login"})
+    for bad in ({"authorized": "yes"}, {"authorized": 1}, [True], "true", None):
+        user = Client(node.services["demo"])
+        send(user, {"class": "core", "cmd": "login", "tid": 1,
+                    "data": {"user": "zoe", "password": "x"}})
+        asked = await app.wire.recv()
+        send(app, {"result": "ok", "tid": asked["tid"], "data": bad})
+        assert code_of(await user.wire.recv()) == 100030, bad
+    user = Client(node.services["demo"])
+    send(user, {"class": "core", "cmd": "login", "tid": 1,
+                "data": {"user": "zoe", "password": "x"}})
+    asked = await app.wire.recv()
+    send(app, {"result": "error", "tid": asked["tid"], "data": {"code": 1, "error": "down"}})
+    assert code_of(await user.wire.recv()) == 100030

@@ -146,9 +146,9 @@ def _authorized(answer: Response, what: str) -> tuple[bool, dict[str, Any]]:
         log.warning("invalid_reply to %s: %r", what, answer.data)
         return False, {}
     authorized = fields.get("authorized")
-    if authorized in (True, "true"):
+    if authorized is True or authorized == "true":  # not `in`: 1 == True in Python
         return True, fields
-    if authorized not in (False, "false"):
+    if authorized is not False and authorized != "false":
         log.warning("invalid_reply to %s: authorized is %r", what, authorized)
         return False, {}
     return False, fields
