@@ -168,3 +168,30 @@ async def test_nkservice_call(server: Server) -> None:
     status, _, err = await nkservice_call(tcp, "core", "list_users", "--user", "alice",
                                           "--password", "wrong")
     assert status == 1 and json.loads(err)["code"] == 100038
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ws", "tls", "wss"])
+async def test_the_seeds_login_callback_against_the_real_process(
+        server: Server, client_tls: ssl.SSLContext, transport: str) -> None:
+    """The seed's walk-through on a `nkservice serve` process: an app (here the service's
+    admin) registers for the login callback; the next login is decided by its answer."""
+    port = server.secure if transport in ("tls", "wss") else server.plain
+    path = "/api" if transport in ("ws", "wss") else ""
+    url = f"{transport}://127.0.0.1:{port}{path}"
+    context = client_tls if transport in ("tls", "wss") else None
+    app = await Peer(url).connect(context)
+    await app.login("demo-admin", "pw")
+    registered = await app.request("core", "register_callback",
+                                   {"class": "demo", "callback": "login"})
+    assert registered["result"] == "ok"
+    for authorized, expected in (("false", "error"), (True, "ok")):
+        user = await Peer(url).connect(context)
+        await user.send({"class": "core", "cmd": "login", "tid": 1,
+                         "data": {"user": "zoe", "pass": "pw"}})
+        asked = await app.recv()
+        assert asked["cmd"] == "api_server_login" and asked["data"]["pass"] == "pw"
+        await app.send({"result": "ok", "tid": asked["tid"],
+                        "data": {"authorized": authorized, "reason": "Invalid password"}})
+        assert (await user.recv())["result"] == expected
+        await user.close()
+    await app.close()
