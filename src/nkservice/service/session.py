@@ -146,7 +146,11 @@ class Session:
             log.exception("request %s/%s failed", request.class_, request.cmd)
             self.conn.reply_error(request.tid, ApiError(ErrorCode.internal_error))
         else:
-            self.conn.reply(request.tid, None if result is CONTINUE else result)
+            if result is CONTINUE:  # every link passed, after all
+                self.conn.reply_error(request.tid,
+                                      ApiError(ErrorCode.unknown_class, request.class_))
+            else:
+                self.conn.reply(request.tid, result)
 
     def _answer_when_done(self, request: Request, done: asyncio.Future[Any]) -> None:
         if done.cancelled():
