@@ -378,3 +378,24 @@ def test_any_input_and_timing_keeps_the_state_machine_sound(
             assert rig.wire.take() == [] and rig.handler.requests == []
             return
     assert rig.wire.closed_because is None
+
+
+def test_answers_count_in_the_outgoing_queue() -> None:
+    """A client that sends requests and never reads is a slow consumer too."""
+    rig = Rig(ping_interval=0, max_queue=3)
+    rig.wire.unsent = 100
+    for tid in range(4):
+        rig.conn.reply(tid)
+    assert rig.wire.closed_because == "slow consumer"
+
+
+def test_a_queue_seen_draining_starts_counting_again() -> None:
+    rig = Rig(ping_interval=0, max_queue=3)
+    rig.conn.logged_in()
+    for unsent in (5000, 6000, 7000, 4000, 5000, 6000):  # it drained once, after the third
+        rig.wire.unsent = unsent
+        rig.conn.send_event(b'{"class":"media"}')
+    assert rig.wire.closed_because is None
+    rig.wire.unsent = 7000
+    rig.conn.send_event(b'{"class":"media"}')  # four since it last drained
+    assert rig.wire.closed_because == "slow consumer"

@@ -146,3 +146,42 @@ async def test_answers_of_the_wrong_shape_are_refusals() -> None:
     asked = await app.wire.recv()
     send(app, {"result": "error", "tid": asked["tid"], "data": {"code": 1, "error": "down"}})
     assert code_of(await user.wire.recv()) == 100030
+
+
+async def test_the_servers_own_limit_applies_to_a_callback_that_is_only_acked() -> None:
+    node = FakeNode()
+    node.add("core")
+    node.add("demo", ack_timeout=0.2)
+    (app,) = await apps_for(node, 1, {"service": "demo", "callback": "cmd", "class": "calc"})
+    alice = Client(node.services["demo"])
+    await alice.login("alice", "pw1")
+    send(alice, {"class": "calc", "cmd": "slow", "tid": 9})
+    asked = await app.wire.recv()
+    send(app, {"ack": asked["tid"]})
+    assert await alice.wire.recv() == {"ack": 9}
+    assert (await alice.wire.recv())["data"] == {"code": 100005, "error": "Timeout"}
+
+
+async def test_a_subscription_decided_after_the_session_ended_is_not_added() -> None:
+    node = setup()
+    (app,) = await apps_for(node, 1, {"class": "demo", "callback": "subscribe"})
+    alice = Client(node.services["demo"])
+    await alice.login("alice", "pw1")
+    held = len(node.events.index)
+    send(alice, {"class": "core", "cmd": "subscribe", "tid": 3, "data": {"class": "media"}})
+    asked = await app.wire.recv()
+    alice.conn.lost()
+    send(app, {"result": "ok", "tid": asked["tid"], "data": {"authorized": True}})
+    await app.request("ping")  # the answer above has been handled
+    assert len(node.events.index) == held - 2  # its automatic ones went, nothing came back
+
+
+async def test_a_session_id_an_app_chooses_is_checked() -> None:
+    node = setup()
+    (app,) = await apps_for(node, 1, {"class": "demo", "callback": "login"})
+    user = Client(node.services["demo"])
+    send(user, {"class": "core", "cmd": "login", "tid": 1, "data": {"user": "zoe"}})
+    asked = await app.wire.recv()
+    send(app, {"result": "ok", "tid": asked["tid"],
+               "data": {"authorized": True, "session_id": "x" * 129}})
+    assert code_of(await user.wire.recv()) == 100030

@@ -112,3 +112,33 @@ async def test_a_link_in_a_service_sees_every_hook() -> None:
     assert (await alice.request("ping"))["result"] == "ok"  # core commands: the base
     alice.conn.close("bye")
     assert plugin.lifecycle == ["start alice", "stop alice"]
+
+
+class Clumsy(Link):
+    """Fails at everything it is told."""
+
+    def session_start(self, caller: Caller) -> None:
+        raise RuntimeError("start")
+
+    def session_stop(self, caller: Caller) -> None:
+        raise RuntimeError("stop")
+
+    def client_event(self, caller: Caller, request: Request) -> None:
+        raise RuntimeError("event")
+
+
+async def test_a_failing_link_costs_no_double_answer_and_no_stuck_session() -> None:
+    node = FakeNode()
+    service = node.add("demo", logic=[Clumsy()])
+    watcher = Client(service)
+    await watcher.login("boss", "pw")
+    await watcher.request("subscribe", {"class": "core", "subclass": "session"})
+    clients = [Client(service) for _ in range(3)]
+    for client in clients:
+        assert (await client.login("alice", "pw1"))["result"] == "ok"
+        assert client.wire.inbox.empty()  # one answer to the login, not two
+    assert (await clients[0].request("event", class_="chat"))["result"] == "ok"
+    assert clients[0].wire.inbox.empty()
+    service.stop("bye")
+    assert all(client.conn.closed for client in clients)
+    assert await node.registry.users("demo") == {}

@@ -42,7 +42,14 @@ from lupa import lua54  # type: ignore[import-untyped, unused-ignore]
 from nkservice.errors import ApiError, ConfigError, ErrorCode
 from nkservice.events.index import Topic
 from nkservice.protocol.messages import Request
-from nkservice.service.contracts import CONTINUE, Caller, Continue, LoginAttempt, LoginDecision
+from nkservice.service.contracts import (
+    CONTINUE,
+    MAX_SESSION_ID_LENGTH,
+    Caller,
+    Continue,
+    LoginAttempt,
+    LoginDecision,
+)
 from nkservice.service.logic import Link
 
 HOOK_EVERY = 100_000
@@ -54,7 +61,6 @@ stopped inside one call of a C function (a pathological string pattern, say)."""
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # Lua's integers; beyond them, floats
 
-MAX_SESSION_ID_LENGTH = 128  # as for the ids clients choose (§3.3)
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "error": logging.ERROR}

@@ -138,6 +138,7 @@ class Connection:
         "_clock",
         "_end_error",
         "_events",
+        "_last_backlog",
         "_login_deadline",
         "_next_ping",
         "_next_tid",
@@ -162,7 +163,8 @@ class Connection:
         self._sent: dict[int, _Sent] = {}
         self._events: dict[int, float] = {}  # tid → deadline of each event not yet answered
         self._unanswered = 0
-        self._queued = 0  # messages sent while the transport's buffer was over its mark
+        self._queued = 0  # messages sent since the transport's buffer last drained
+        self._last_backlog = 0
         self._bad_messages = 0
         self._next_ping: float | None = None
         self._wake: float | None = None
@@ -242,18 +244,21 @@ class Connection:
 
     # -- answering client requests ---------------------------------------------------------
 
+    # Answers count in the outgoing queue too: a client that sends and never reads would
+    # otherwise grow the server's buffers without end.
+
     def reply(self, tid: Tid, data: Any = None) -> None:
         self._request_done()
-        if not self.closed:
+        if not self.closed and not self._slow_consumer(self._wire.backlog()):
             self._wire.send(encode_ok(tid, data))
 
     def reply_error(self, tid: Tid, error: ApiError) -> None:
         self._request_done()
-        if not self.closed:
+        if not self.closed and not self._slow_consumer(self._wire.backlog()):
             self._wire.send(encode_error(tid, error))
 
     def ack(self, tid: Tid) -> None:
-        if not self.closed:
+        if not self.closed and not self._slow_consumer(self._wire.backlog()):
             self._wire.send(encode_ack(tid))
 
     def _request_done(self) -> None:
@@ -283,7 +288,7 @@ class Connection:
             if self._slow_consumer(backlog):
                 return
         else:
-            self._queued = 0  # inline: this runs once per receiver of every event
+            self._queued = self._last_backlog = 0  # inline: once per receiver of each event
         limits = self.limits
         if len(self._events) >= limits.max_unanswered_events:
             log.info("closing a connection with %d events unanswered", len(self._events))
@@ -300,10 +305,14 @@ class Connection:
     def _slow_consumer(self, backlog: int) -> bool:
         """§5.2: is the outgoing queue over `max_queue` messages or `max_queue_bytes`? Then
         close. The transport reports bytes only once its buffer is over the high-water mark
-        (it sends at once below that), so what is sent from then on counts as queued."""
+        (it sends at once below that); from then on, what is sent counts as queued until the
+        buffer is seen shrinking (the client reads)."""
         if not backlog:
-            self._queued = 0
+            self._queued = self._last_backlog = 0
             return False
+        if backlog < self._last_backlog:
+            self._queued = 0
+        self._last_backlog = backlog
         self._queued += 1
         if self._queued <= self.limits.max_queue and backlog <= self.limits.max_queue_bytes:
             return False

@@ -20,6 +20,7 @@ from nkservice.events.index import Topic
 from nkservice.protocol.messages import Request, Response
 from nkservice.service.contracts import (
     CONTINUE,
+    MAX_SESSION_ID_LENGTH,
     CallbackKey,
     CallbackRegistry,
     Caller,
@@ -195,8 +196,13 @@ class CallbackLink(Link):
         if not authorized:
             return LoginDecision(False, reason=_text(fields, "reason"))
         extra = fields.get("data")
+        session_id = _text(fields, "session_id")
+        if session_id is not None and len(session_id) > MAX_SESSION_ID_LENGTH:
+            log.warning("invalid_reply to the login of %r: a session id of %d characters",
+                        attempt.user, len(session_id))
+            return LoginDecision(False)
         return LoginDecision(True, user=_text(fields, "user"),
-                             session_id=_text(fields, "session_id"), meta=fields.get("meta"),
+                             session_id=session_id, meta=fields.get("meta"),
                              data=extra if isinstance(extra, dict) else {})
 
     def subscribe(self, caller: Caller, topic: Topic) -> Continue | Any:

@@ -43,6 +43,9 @@ Outcome: TypeAlias = T | Continue | Awaitable[T | Continue]
 """A hook's answer: a decision, `CONTINUE`, or an awaitable of either."""
 
 
+MAX_SESSION_ID_LENGTH = 128  # §3.3, whoever chooses the id
+
+
 @dataclass(slots=True)
 class LoginAttempt:
     service: str

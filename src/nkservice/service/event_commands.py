@@ -60,6 +60,8 @@ def subscribe(caller: Caller, request: Request) -> Any:
 async def _subscribe_when_allowed(caller: Caller, topic: Topic, body: Any,
                                   decided: Any) -> None:
     await settled(decided)
+    if caller.conn.closed:  # it ended while the subscription was decided: nothing to add
+        return
     if (topic not in caller.subscriptions
             and len(caller.subscriptions) >= caller.service.config.max_subscriptions):
         raise ApiError(ErrorCode.too_many_subscriptions)  # others came while it was decided

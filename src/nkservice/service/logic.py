@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeGuard, TypeVar, cast
 
@@ -32,6 +33,7 @@ from nkservice.service.contracts import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class Link:
@@ -111,13 +113,22 @@ class LogicChain:
     def client_event(self, caller: Caller, request: Request) -> Outcome[None]:
         return _first(self._client_event, 0, lambda link: link.client_event(caller, request))
 
+    # A link that fails to see a session start or stop must not keep the others from it,
+    # nor undo the login or the close that called it: logged, and the chain goes on.
+
     def session_start(self, caller: Caller) -> None:
         for link in self._start:
-            link.session_start(caller)
+            try:
+                link.session_start(caller)
+            except Exception:
+                log.exception("session_start of %s failed", type(link).__name__)
 
     def session_stop(self, caller: Caller) -> None:
         for link in self._stop:
-            link.session_stop(caller)
+            try:
+                link.session_stop(caller)
+            except Exception:
+                log.exception("session_stop of %s failed", type(link).__name__)
 
     async def start(self) -> None:
         for link in self.links:

@@ -23,7 +23,13 @@ from nkservice.events.index import Subscription, Topic
 from nkservice.protocol.connection import CloseCode, Connection, Wire
 from nkservice.protocol.messages import Request
 from nkservice.protocol.names import canonical
-from nkservice.service.contracts import CONTINUE, LoginAttempt, LoginDecision, ServiceContext
+from nkservice.service.contracts import (
+    CONTINUE,
+    MAX_SESSION_ID_LENGTH,
+    LoginAttempt,
+    LoginDecision,
+    ServiceContext,
+)
 from nkservice.service.event_commands import automatic_topics
 from nkservice.service.logic import PLAIN, is_pending, settled
 from nkservice.service.login import REFUSED
@@ -34,7 +40,6 @@ log = logging.getLogger(__name__)
 
 MAX_LOGIN_FAILURES = 5
 MAX_LOGIN_DELAY = 5.0
-MAX_SESSION_ID_LENGTH = 128
 
 
 class Session:
@@ -117,8 +122,13 @@ class Session:
             return
         logic = self.service.logic
         if request.cmd == "event":  # a client event, of any class (§5.3)
-            self.conn.reply(request.tid)
-            seen = logic.client_event(self, request)
+            self.conn.reply(request.tid)  # answered: a failure below is only logged
+            try:
+                seen = logic.client_event(self, request)
+            except Exception:
+                log.exception("client event %s from %s failed", request.class_,
+                              self.session_id)
+                return
             if is_pending(seen):
                 self.service.spawn(self._see_event(request, seen))
             return
@@ -128,7 +138,10 @@ class Session:
                 raise ApiError(ErrorCode.unknown_class, request.class_)
             self.conn.reply(request.tid, result)
         elif isinstance(result, asyncio.Future):  # a decision to come: no task for it
-            result.add_done_callback(partial(self._answer_when_done, request))
+            # The server's own work is bounded by ack_timeout (§1.3): then `timeout`.
+            limit = asyncio.get_running_loop().call_later(self.conn.limits.ack_timeout,
+                                                          result.cancel)
+            result.add_done_callback(partial(self._answer_when_done, request, limit))
         elif is_pending(result):
             self.service.spawn(self._answer_later(request, result))
         else:
@@ -152,9 +165,11 @@ class Session:
             else:
                 self.conn.reply(request.tid, result)
 
-    def _answer_when_done(self, request: Request, done: asyncio.Future[Any]) -> None:
-        if done.cancelled():
-            self.conn.reply_error(request.tid, ApiError(ErrorCode.internal_error))
+    def _answer_when_done(self, request: Request, limit: asyncio.TimerHandle,
+                          done: asyncio.Future[Any]) -> None:
+        limit.cancel()
+        if done.cancelled():  # by the limit
+            self.conn.reply_error(request.tid, ApiError(ErrorCode.timeout))
         elif (error := done.exception()) is None:
             self.conn.reply(request.tid, done.result())
         elif isinstance(error, ApiError):
