@@ -185,3 +185,15 @@ async def test_a_session_id_an_app_chooses_is_checked() -> None:
     send(app, {"result": "ok", "tid": asked["tid"],
                "data": {"authorized": True, "session_id": "x" * 129}})
     assert code_of(await user.wire.recv()) == 100030
+
+
+async def test_a_login_apps_acks_reach_the_user() -> None:
+    node = setup()
+    (app,) = await apps_for(node, 1, {"class": "demo", "callback": "login"})
+    user = Client(node.services["demo"])
+    send(user, {"class": "core", "cmd": "login", "tid": "L", "data": {"user": "zoe"}})
+    asked = await app.wire.recv()
+    send(app, {"ack": asked["tid"]})
+    assert await user.wire.recv() == {"ack": "L"}
+    send(app, {"result": "ok", "tid": asked["tid"], "data": {"authorized": True}})
+    assert (await user.wire.recv())["result"] == "ok"

@@ -189,7 +189,7 @@ class CallbackLink(Link):
         answer = await self._callbacks.call(self._login, "api_server_login", {
             "service": attempt.service, "user": attempt.user, "password": attempt.password,
             "pass": attempt.password, "session_id": attempt.session_id, "meta": attempt.meta,
-            "remote": attempt.remote, "transport": attempt.transport})
+            "remote": attempt.remote, "transport": attempt.transport}, on_ack=attempt.ack)
         if answer is None:
             return CONTINUE  # no app left: the next step decides
         authorized, fields = _authorized(answer, f"the login of {attempt.user!r}")

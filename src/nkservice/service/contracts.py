@@ -56,6 +56,7 @@ class LoginAttempt:
     transport: str
     remote: str
     password_mismatch: bool = False
+    ack: Callable[[], None] | None = None  # acks the login request: an app is still deciding
 
 
 @dataclass(slots=True)

@@ -197,7 +197,8 @@ class Session:
             raise ApiError(ErrorCode.invalid_session_id)
         attempt = LoginAttempt(service=self.service.name, user=user, password=password,
                                meta=fields.get("meta"), session_id=session_id,
-                               transport=self.transport, remote=self.remote)
+                               transport=self.transport, remote=self.remote,
+                               ack=partial(self.conn.ack, request.tid))
         self._backlog = deque()
         self.service.spawn(self._login(request, attempt))
 
