@@ -20,7 +20,6 @@ from nkservice.service.config import (
     ListenUrl,
     NodeConfig,
     ServiceConfig,
-    TlsConfig,
     config_warnings,
 )
 from nkservice.service.contracts import CallbackRegistry, SessionRegistry
@@ -86,13 +85,12 @@ class Node:
             raise
 
     async def start_service(self, definition: ServiceConfig, ports: list[_Port]) -> None:
-        where = "core." if definition.name == "core" else f"services.{definition.name}."
+        where = f"{definition.table}."
         logic = [*plugin_links(definition, where), *_script_links(definition, where)]
         service = Service(definition, self, logic)
         self.services[definition.name] = service
         await service.start()
-        tls = (_tls_context(definition.name, definition.tls) if any(p.secure for p in ports)
-               else None)
+        tls = _tls_context(definition) if any(p.secure for p in ports) else None
         servers = self._servers.setdefault(definition.name, [])
         for port in ports:
             server = await listen(
@@ -169,8 +167,8 @@ def _check_no_port_shared(ports: dict[str, list[_Port]]) -> None:
             owner[key] = service
 
 
-def _tls_context(service: str, tls: TlsConfig) -> ssl.SSLContext:
-    where = "core" if service == "core" else f"services.{service}"
+def _tls_context(definition: ServiceConfig) -> ssl.SSLContext:
+    where, tls = definition.table, definition.tls
     if not tls.certfile:
         raise ConfigError(f"{where}: tls and wss URLs need tls.certfile (and tls.keyfile)")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -55,20 +55,19 @@ from typing import Any, Protocol, cast
 
 import orjson
 
-from nkservice.errors import ApiError, ConfigError, ErrorCode
+from nkservice.errors import ConfigError
 from nkservice.plugins.api import Plugin
 from nkservice.protocol.messages import Request
 from nkservice.protocol.names import canonical
+from nkservice.service.commands import LogEntry
 from nkservice.service.config import ServiceConfig
 from nkservice.service.contracts import CONTINUE, Caller
 from nkservice.service.logic import Link
-from nkservice.service.requests import optional, required
 
 log = logging.getLogger(__name__)
 
 GELF_VERSION = "1.1"
 DEFAULT_LEVEL = 6  # informational
-LEVELS = range(1, 8)  # the syslog severities §6 allows (0, emergency, is not one of them)
 
 CHUNK_SIZE = 8192
 """The largest datagram sent, header included."""
@@ -437,8 +436,8 @@ def _describe(message: Mapping[str, Any]) -> str:
 
 class GelfLog(Link):
     """Answers the core `session`/`log` requests (seed name `log`) by sending them as GELF
-    to `sender`; every other request goes on down the chain. It checks the fields exactly as
-    the base does (the same errors), and no permission: the base's check is not reached."""
+    to `sender`; every other request goes on down the chain. It reads the fields with the
+    base's `LogEntry` (the same errors), and checks no permission: `log` is open to users."""
 
     def __init__(self, sender: GelfSender, *, clock: Callable[[], float] = time.time) -> None:
         self.sender = sender
@@ -454,18 +453,11 @@ class GelfLog(Link):
         if (request.class_ != "core"
                 or canonical(request.subclass, request.cmd) != ("session", "log")):
             return CONTINUE
-        fields = request.fields
-        source = required(fields, "source", str)
-        message = required(fields, "message", str)
-        level = optional(fields, "level", int, DEFAULT_LEVEL)
-        if level not in LEVELS:
-            raise ApiError(ErrorCode.invalid_value, "level")
-        full_message = optional(fields, "full_message", str, "")
-        meta = optional(fields, "meta", dict, {})
-        service = caller.service.name
+        entry = LogEntry.of(request)  # the same checks and errors as the base's `log`
         self.sender.send(gelf_message(
-            source=source, message=message, level=level, full_message=full_message, meta=meta,
-            user=caller.user, session_id=caller.session_id, service=service,
+            source=entry.source, message=entry.message, level=entry.level,
+            full_message=entry.full_message, meta=entry.meta, user=caller.user,
+            session_id=caller.session_id, service=caller.service.name,
             timestamp=self._clock()))
         return None
 
@@ -476,7 +468,7 @@ class GelfPlugin(Plugin):
     name = "gelf"
 
     def link(self, service: ServiceConfig, settings: Any) -> Link:
-        where = "core" if service.name == "core" else f"services.{service.name}"
+        where = service.table
         if not service.gelf.host:
             raise ConfigError(f"{where}.gelf.host: the gelf plugin needs the collector's host")
         try:

@@ -49,6 +49,11 @@ from nkservice.service.contracts import (
     Continue,
     LoginAttempt,
     LoginDecision,
+    caller_data,
+    event_data,
+    login_data,
+    request_data,
+    subscription_data,
 )
 from nkservice.service.logic import Link
 
@@ -512,36 +517,26 @@ class LuaLogic(Link):
     def login(self, attempt: LoginAttempt) -> Any:
         if "login" not in self.defined:
             return CONTINUE
-        return self._login(self._ask("login", {
-            "service": attempt.service, "user": attempt.user, "password": attempt.password,
-            "pass": attempt.password, "session_id": attempt.session_id, "meta": attempt.meta,
-            "remote": attempt.remote, "transport": attempt.transport}))
+        return self._login(self._ask("login", login_data(attempt)))
 
     def subscribe(self, caller: Caller, topic: Topic) -> Any:
         if "subscribe" not in self.defined:
             return CONTINUE
         return self._subscribe(self._ask("subscribe", {
-            "service": caller.service.name, "user": caller.user,
-            "session_id": caller.session_id,
-            "subscription": {"class": topic.class_, "subclass": topic.subclass,
-                             "type": topic.type, "obj_id": topic.obj_id}}))
+            **caller_data(caller), "subscription": subscription_data(topic)}))
 
     def command(self, caller: Caller, request: Request) -> Any:
         if "cmd" not in self.defined or request.class_ == "core":
             return CONTINUE
-        return self._command(self._ask("cmd", {
-            "service": caller.service.name, "user": caller.user,
-            "session_id": caller.session_id, "class": request.class_,
-            "subclass": request.subclass, "cmd": request.cmd, "data": request.data}))
+        # As the `cmd` callback's data, with the request's fields at the top level (§8).
+        return self._command(self._ask("cmd", {**caller_data(caller),
+                                               **request_data(request)}))
 
     def client_event(self, caller: Caller, request: Request) -> Any:
         if "event" not in self.defined:
             return CONTINUE
-        return self._event(self._ask("event", {
-            "service": caller.service.name, "user": caller.user,
-            "session_id": caller.session_id,
-            "event": {"class": request.class_, "subclass": request.subclass,
-                      "data": request.data}}))
+        return self._event(self._ask("event", {**caller_data(caller),
+                                               "event": event_data(request)}))
 
     async def _login(self, asked: Asked) -> LoginDecision | Continue:
         answer = await self._answer(asked)

@@ -249,16 +249,16 @@ class Connection:
 
     def reply(self, tid: Tid, data: Any = None) -> None:
         self._request_done()
-        if not self.closed and not self._slow_consumer(self._wire.backlog()):
+        if not self._blocked():
             self._wire.send(encode_ok(tid, data))
 
     def reply_error(self, tid: Tid, error: ApiError) -> None:
         self._request_done()
-        if not self.closed and not self._slow_consumer(self._wire.backlog()):
+        if not self._blocked():
             self._wire.send(encode_error(tid, error))
 
     def ack(self, tid: Tid) -> None:
-        if not self.closed and not self._slow_consumer(self._wire.backlog()):
+        if not self._blocked():
             self._wire.send(encode_ack(tid))
 
     def _request_done(self) -> None:
@@ -270,7 +270,7 @@ class Connection:
     def send_request(self, class_: str, cmd: str, data: Any = None, *,
                      subclass: str | None = None, waiter: Waiter | None = None) -> int:
         """Send a request the client must answer within `request_timeout` (or acks)."""
-        if self.closed or self._slow_consumer(self._wire.backlog()):
+        if self._blocked():
             if waiter is not None:
                 waiter.failed(ApiError(ErrorCode.session_not_found, "connection closed"))
             return 0
@@ -281,14 +281,8 @@ class Connection:
     def send_event(self, data: bytes) -> None:
         """Deliver an event (§5.2): a `core`/`event` request whose `data` is encoded already,
         once for all its receivers."""
-        if self.closed:
+        if self._blocked():
             return
-        backlog = self._wire.backlog()
-        if backlog:
-            if self._slow_consumer(backlog):
-                return
-        else:
-            self._queued = self._last_backlog = 0  # inline: once per receiver of each event
         limits = self.limits
         if len(self._events) >= limits.max_unanswered_events:
             log.info("closing a connection with %d events unanswered", len(self._events))
@@ -302,11 +296,15 @@ class Connection:
         self._want_wake(deadline)
         self._wire.send(b'{"class":"core","cmd":"event","tid":%d,"data":%b}' % (tid, data))
 
-    def _slow_consumer(self, backlog: int) -> bool:
-        """§5.2: is the outgoing queue over `max_queue` messages or `max_queue_bytes`? Then
-        close. The transport reports bytes only once its buffer is over the high-water mark
-        (it sends at once below that); from then on, what is sent counts as queued until the
-        buffer is seen shrinking (the client reads)."""
+    def _blocked(self) -> bool:
+        """Nothing more may be sent: closed, or a slow consumer (§5.2), closed here: its
+        outgoing queue is over `max_queue` messages or `max_queue_bytes`. The transport
+        reports bytes only once its buffer is over the high-water mark (it sends at once
+        below that); from then on, what is sent counts as queued until the buffer is seen
+        shrinking (the client reads)."""
+        if self.closed:
+            return True
+        backlog = self._wire.backlog()
         if not backlog:
             self._queued = self._last_backlog = 0
             return False

@@ -27,6 +27,11 @@ from nkservice.service.contracts import (
     Continue,
     LoginAttempt,
     LoginDecision,
+    caller_data,
+    event_data,
+    login_data,
+    request_data,
+    subscription_data,
 )
 from nkservice.service.logic import Link
 
@@ -186,10 +191,8 @@ class CallbackLink(Link):
         return self._ask_login(attempt)
 
     async def _ask_login(self, attempt: LoginAttempt) -> LoginDecision | Continue:
-        answer = await self._callbacks.call(self._login, "api_server_login", {
-            "service": attempt.service, "user": attempt.user, "password": attempt.password,
-            "pass": attempt.password, "session_id": attempt.session_id, "meta": attempt.meta,
-            "remote": attempt.remote, "transport": attempt.transport}, on_ack=attempt.ack)
+        answer = await self._callbacks.call(self._login, "api_server_login",
+                                            login_data(attempt), on_ack=attempt.ack)
         if answer is None:
             return CONTINUE  # no app left: the next step decides
         authorized, fields = _authorized(answer, f"the login of {attempt.user!r}")
@@ -212,9 +215,7 @@ class CallbackLink(Link):
 
     async def _ask_subscribe(self, caller: Caller, topic: Topic) -> Continue | None:
         answer = await self._callbacks.call(self._subscribe, "api_server_subscribe", {
-            "service": self._service, "user": caller.user, "session_id": caller.session_id,
-            "subscription": {"class": topic.class_, "subclass": topic.subclass,
-                             "type": topic.type, "obj_id": topic.obj_id}})
+            **caller_data(caller), "subscription": subscription_data(topic)})
         if answer is None:
             return CONTINUE  # no app left: allowed
         authorized, fields = _authorized(answer, f"a subscription of {caller.user!r}")
@@ -228,12 +229,9 @@ class CallbackLink(Link):
             return CONTINUE
         # Asked at once and answered from a future's callback: no task per request, and the
         # request to the app goes out with the rest of what this read produced.
-        asked: asyncio.Future[Any] = self._callbacks.call(key, "api_server_cmd", {
-            "service": self._service, "user": caller.user, "session_id": caller.session_id,
-            "request": {"class": request.class_, "subclass": request.subclass,
-                        "cmd": request.cmd, "data": request.data}},
+        return self._callbacks.call(
+            key, "api_server_cmd", {**caller_data(caller), "request": request_data(request)},
             on_ack=lambda: caller.conn.ack(request.tid), decide=_command_answer)
-        return asked
 
     def client_event(self, caller: Caller, request: Request) -> Continue | Any:
         keys = [key for key in (CallbackKey(self._service, "event", request.class_),
@@ -245,9 +243,7 @@ class CallbackLink(Link):
 
     async def _tell_event(self, keys: list[CallbackKey], caller: Caller,
                           request: Request) -> Continue:
-        event = {"class": request.class_, "subclass": request.subclass, "data": request.data}
+        data = {**caller_data(caller), "event": event_data(request)}
         for key in keys:
-            await self._callbacks.call(key, "api_server_event", {
-                "service": self._service, "user": caller.user,
-                "session_id": caller.session_id, "event": event})
+            await self._callbacks.call(key, "api_server_event", data)
         return CONTINUE  # plugins and Lua above have seen it; nothing below wants it

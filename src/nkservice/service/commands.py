@@ -8,6 +8,7 @@ mapped to these keys by `protocol.names`.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from nkservice.errors import ApiError, ErrorCode
@@ -67,19 +68,35 @@ async def session_cmd(caller: Caller, request: Request) -> Any:
     raise response.error()
 
 
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """The fields of a `session`/`log` request, checked (wherever the entry goes)."""
+
+    source: str
+    message: str
+    level: int  # a syslog severity, 1-7
+    full_message: str
+    meta: dict[str, Any]
+
+    @classmethod
+    def of(cls, request: Request) -> LogEntry:
+        fields = request.fields
+        source = required(fields, "source", str)
+        message = required(fields, "message", str)
+        level = optional(fields, "level", int, 6)
+        if level not in _LOG_LEVELS:
+            raise ApiError(ErrorCode.invalid_value, "level")
+        return cls(source, message, level, optional(fields, "full_message", str, ""),
+                   optional(fields, "meta", dict, {}))
+
+
 def log_message(caller: Caller, request: Request) -> Any:
-    fields = request.fields
-    source = required(fields, "source", str)
-    message = required(fields, "message", str)
-    level = optional(fields, "level", int, 6)
-    if level not in _LOG_LEVELS:
-        raise ApiError(ErrorCode.invalid_value, "level")
-    full_message = optional(fields, "full_message", str, "")
-    meta = optional(fields, "meta", dict, {})
-    session_log.log(_LOG_LEVELS[level], "[%s] %s: %s%s", caller.service.name, source, message,
-                    f"\n{full_message}" if full_message else "",
+    entry = LogEntry.of(request)
+    session_log.log(_LOG_LEVELS[entry.level], "[%s] %s: %s%s", caller.service.name,
+                    entry.source, entry.message,
+                    f"\n{entry.full_message}" if entry.full_message else "",
                     extra={"nk_user": caller.user, "nk_session_id": caller.session_id,
-                           "nk_service": caller.service.name, "nk_meta": meta})
+                           "nk_service": caller.service.name, "nk_meta": entry.meta})
     return None
 
 

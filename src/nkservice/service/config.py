@@ -88,6 +88,11 @@ class ServiceConfig:
     permissions: dict[str, tuple[str, ...]] = field(default_factory=dict)
     origin: str = "config"
 
+    @property
+    def table(self) -> str:
+        """Where the service is defined, to name its keys in messages (`services.demo`)."""
+        return "core" if self.name == "core" else f"services.{self.name}"
+
 
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
@@ -133,7 +138,7 @@ def config_warnings(config: NodeConfig) -> list[str]:
         warnings.append(f"node.workers = {config.workers}: several workers need the cluster "
                         "bus, which is not available yet; running one worker")
     for service in (config.core, *config.services.values()):
-        where = "core" if service.name == "core" else f"services.{service.name}"
+        where = service.table
         if not service.listen:
             warnings.append(f"{where}.listen is empty: nobody can connect to this service")
         if service.gelf.host and "gelf" not in service.plugins:

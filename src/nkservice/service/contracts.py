@@ -228,6 +228,38 @@ class SessionRegistry(Protocol):
 
 # -- callbacks to external apps ----------------------------------------------------------------
 
+
+# What a hook is told (§7): the data of the callback requests sent to apps, which the Lua
+# script's functions get too.
+
+def login_data(attempt: LoginAttempt) -> dict[str, Any]:
+    return {"service": attempt.service, "user": attempt.user, "password": attempt.password,
+            "pass": attempt.password, "session_id": attempt.session_id, "meta": attempt.meta,
+            "remote": attempt.remote, "transport": attempt.transport}
+
+
+def caller_data(caller: Caller) -> dict[str, Any]:
+    """Who asks: the start of the subscribe, cmd and event data."""
+    return {"service": caller.service.name, "user": caller.user,
+            "session_id": caller.session_id}
+
+
+def subscription_data(topic: Topic) -> dict[str, Any]:
+    return {"class": topic.class_, "subclass": topic.subclass, "type": topic.type,
+            "obj_id": topic.obj_id}
+
+
+def request_data(request: Request) -> dict[str, Any]:
+    """A request of a `cmd` callback, as §7 passes it on."""
+    return {"class": request.class_, "subclass": request.subclass, "cmd": request.cmd,
+            "data": request.data}
+
+
+def event_data(request: Request) -> dict[str, Any]:
+    """A client event (§5.3), as the `event` callback passes it on."""
+    return {"class": request.class_, "subclass": request.subclass, "data": request.data}
+
+
 CALLBACK_KINDS = ("login", "subscribe", "cmd", "event")
 
 

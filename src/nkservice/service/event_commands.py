@@ -46,9 +46,7 @@ def subscribe(caller: Caller, request: Request) -> Any:
             and topic not in automatic_topics(service.name, caller.user, caller.session_id)
             and not granted(service.config.permissions, caller.user, "core.event.subscribe")):
         raise ApiError(ErrorCode.unauthorized)  # core events are for admins (§4, §5.4)
-    if (topic not in caller.subscriptions
-            and len(caller.subscriptions) >= service.config.max_subscriptions):
-        raise ApiError(ErrorCode.too_many_subscriptions)
+    _check_room(caller, topic)
     body = request.fields.get("body")
     decided = service.logic.subscribe(caller, topic)  # plugins, Lua, callbacks may refuse
     if decided is None:
@@ -62,10 +60,15 @@ async def _subscribe_when_allowed(caller: Caller, topic: Topic, body: Any,
     await settled(decided)
     if caller.conn.closed:  # it ended while the subscription was decided: nothing to add
         return
+    _check_room(caller, topic)  # others may have come while it was decided
+    caller.service.events.subscribe(caller, topic, body)
+
+
+def _check_room(caller: Caller, topic: Topic) -> None:
+    """§5.2: at most `max_subscriptions` per session; the same key again only replaces."""
     if (topic not in caller.subscriptions
             and len(caller.subscriptions) >= caller.service.config.max_subscriptions):
-        raise ApiError(ErrorCode.too_many_subscriptions)  # others came while it was decided
-    caller.service.events.subscribe(caller, topic, body)
+        raise ApiError(ErrorCode.too_many_subscriptions)
 
 
 def unsubscribe(caller: Caller, request: Request) -> Any:
