@@ -67,11 +67,11 @@ class ChatRooms(Plugin):
         """One key, `max_rooms` (default 100)."""
         unknown = sorted(set(table) - {"max_rooms"})
         if unknown:
-            raise ConfigError(f"unknown key {where}{unknown[0]}")
+            raise ConfigError(f"{where}{unknown[0]}", "unknown key", syntax=True)
         max_rooms = table.get("max_rooms", 100)
         if not isinstance(max_rooms, int) or isinstance(max_rooms, bool) or max_rooms < 1:
-            raise ConfigError(f"{where}max_rooms: expected a whole number above 0, "
-                              f"got {max_rooms!r}")
+            raise ConfigError(f"{where}max_rooms",
+                              f"expected a whole number above 0, got {max_rooms!r}")
         return max_rooms
 
     def link(self, service: ServiceConfig, settings: Any) -> Link:

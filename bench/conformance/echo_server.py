@@ -74,7 +74,7 @@ async def serve(listen_port: int, max_message_size: int) -> None:
                port: int) -> Any:
         return EchoConnection(wire, limits)
 
-    factory = websocket_protocol_factory(accept, "ws", ["/"], max_message_size,
+    factory = websocket_protocol_factory(accept, "ws", ["/"], lambda: max_message_size,
                                          listener=EchoListener)
     server = await asyncio.get_running_loop().create_server(factory, HOST, listen_port)
     print(f"echo server on ws://{HOST}:{listen_port}/", flush=True)

@@ -69,7 +69,15 @@ class ClientError(NkServiceError):
 
 
 class ConfigError(NkServiceError, ValueError):
-    """The configuration is at fault; the text names the key."""
+    """The configuration is at fault: `key` (its full name: `services.demo.listen`) and
+    why. `syntax`: the key is unknown or its value of the wrong type (the API answers
+    `syntax_error`), rather than a value that cannot be used (`invalid_value`)."""
+
+    def __init__(self, key: str, why: str, *, syntax: bool = False) -> None:
+        super().__init__(f"{key}: {why}")
+        self.key = key
+        self.why = why
+        self.syntax = syntax
 
 
 class ServerError(NkServiceError):

@@ -1,53 +1,56 @@
-"""The node: configuration → services → listening sockets, and a clean shutdown."""
+"""The node: configuration → services → listening sockets; services changed while it runs;
+a clean shutdown.
+
+The services of the config file start first, and their failures stop the start: the file
+is wrong. The services created by API come next, from the store under `data_dir`; one that
+no longer starts (a port taken meanwhile, a certificate gone) is logged and skipped, so one
+bad definition never keeps the others down.
+
+Creating, updating and stopping a service (PROTOCOL.md §6) happen one at a time, and each
+either happens whole or changes nothing: what can fail (the definition, its plugins and
+script, its certificate, its sockets, the store) is done before anything running is
+touched, and undone when a later step fails.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
-from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from nkservice.errors import ConfigError
+from nkservice.errors import ApiError, ConfigError, ErrorCode
 from nkservice.events.bus import Bus, LocalBus
 from nkservice.events.fanout import Events
+from nkservice.events.index import Topic
+from nkservice.listeners import ServiceListeners, ports_of
 from nkservice.plugins.loader import plugin_links
 from nkservice.plugins.lua import LuaLogic
 from nkservice.service.callbacks import LocalCallbacks
 from nkservice.service.config import (
     Credentials,
-    ListenUrl,
     NodeConfig,
     ServiceConfig,
+    check_service_name,
     config_warnings,
+    parse_service,
+    public_definition,
 )
 from nkservice.service.contracts import CallbackRegistry, SessionRegistry
 from nkservice.service.logic import Link
 from nkservice.service.registry import LocalSessionRegistry
 from nkservice.service.service import Service
-from nkservice.transport.listener import listen
+from nkservice.service.store import FileServiceStore, ServiceStore
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_DRAIN = 0.1  # seconds given to transports to flush their close frames
-
-
-@dataclass(frozen=True, slots=True)
-class _Port:
-    """The URLs of one service that share a host and port: one listening socket."""
-
-    host: str
-    port: int
-    urls: tuple[ListenUrl, ...]
-
-    @property
-    def secure(self) -> bool:
-        return self.urls[0].secure
+UNTIL_RESTART = ("a service of the config file: this lasts until the node restarts, "
+                 "which reads the file again")
 
 
 class Node:
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, store: ServiceStore | None = None) -> None:
         self.config = config
         self.services: dict[str, Service] = {}
         # The seams a cluster replaces; one process needs nothing more than these.
@@ -55,7 +58,9 @@ class Node:
         self.events = Events(self.bus)
         self.registry: SessionRegistry = LocalSessionRegistry(self.events)
         self.callbacks: CallbackRegistry = LocalCallbacks()
-        self._servers: dict[str, list[tuple[_Port, asyncio.Server]]] = {}
+        self.store: ServiceStore = store or FileServiceStore(config.data_dir / "services")
+        self._listeners: dict[str, ServiceListeners] = {}
+        self._changing = asyncio.Lock()  # one create, update or stop at a time
 
     # -- Directory -------------------------------------------------------------------------
 
@@ -74,54 +79,182 @@ class Node:
                         "for local use only; set [admin] in the config file")
         for warning in config_warnings(self.config):
             log.warning("%s", warning)
-        definitions = [self.config.core, *self.config.services.values()]
-        ports = {d.name: _ports_of(d) for d in definitions}
-        _check_no_port_shared(ports)
         try:
-            for definition in definitions:
-                await self.start_service(definition, ports[definition.name])
+            for definition in (self.config.core, *self.config.services.values()):
+                await self._start(definition)
+            await self._start_stored()
         except BaseException:
             await self.stop()
             raise
 
-    async def start_service(self, definition: ServiceConfig, ports: list[_Port]) -> None:
-        where = f"{definition.table}."
-        logic = [*plugin_links(definition, where), *_script_links(definition, where)]
-        service = Service(definition, self, logic)
-        self.services[definition.name] = service
+    async def _start_stored(self) -> None:
+        for name, table in (await self.store.load()).items():
+            if name == "core" or name in self.config.services:
+                log.warning("the stored service %s is not started: the config file defines "
+                            "a service of that name", name)
+                continue
+            try:
+                await self._start(self._parse(name, _without_name(table), "api"))
+            except ConfigError as error:
+                log.error("the service %s, created by API, did not start: %s", name, error)
+
+    async def _start(self, definition: ServiceConfig) -> Service:
+        """Start a service and its sockets; a failure leaves nothing of it behind."""
+        name = definition.name
+        self._check_ports_free(definition)
+        service = Service(definition, self, await _logic(definition))
+        listeners = ServiceListeners(name, service.accept, lambda: service.config.limits)
         await service.start()
-        tls = _tls_context(definition) if any(p.secure for p in ports) else None
-        servers = self._servers.setdefault(definition.name, [])
-        for port in ports:
-            server = await listen(
-                service.accept, port.host, port.port,
-                lines=any(not url.is_websocket for url in port.urls),
-                websocket_paths={url.path for url in port.urls if url.is_websocket},
-                tls=tls if port.secure else None,
-                max_message_size=definition.limits.max_message_size,
-                login_timeout=definition.limits.login_timeout,
-            )
-            servers.append((port, server))
-        for url in self.urls(definition.name):
-            log.info("service %s listening on %s", definition.name, url)
+        try:
+            listeners.commit(await listeners.change(definition))
+        except BaseException:
+            service.stop("the service did not start")
+            raise
+        self.services[name] = service
+        self._listeners[name] = listeners
+        for url in listeners.urls():
+            log.info("service %s listening on %s", name, url)
+        self._publish("start", name)
+        return service
 
     def urls(self, service: str) -> list[str]:
         """The service's listen URLs with the ports actually bound (port 0 → the real one)."""
-        found: list[str] = []
-        for port, server in self._servers.get(service, []):
-            bound = server.sockets[0].getsockname()[1] if server.sockets else port.port
-            found.extend(f"{u.scheme}://{u.host}:{bound}{u.path}" for u in port.urls)
-        return found
+        listeners = self._listeners.get(service)
+        return listeners.urls() if listeners is not None else []
 
     async def stop(self) -> None:
         """Stop accepting, close every connection (telling it why), let the closes flush."""
-        for servers in self._servers.values():
-            for _, server in servers:
-                server.close()
+        for listeners in self._listeners.values():
+            listeners.close()
         for service in self.services.values():
             service.stop("server shutting down")
         await asyncio.sleep(SHUTDOWN_DRAIN)
-        self._servers.clear()
+        self._listeners.clear()
+
+    # -- the `service` commands (§6) -------------------------------------------------------
+
+    async def create_service(self, name: str, definition: dict[str, Any]) -> dict[str, Any]:
+        async with self._changing:
+            check_service_name(name, "name")
+            if name == "core":
+                raise ApiError(ErrorCode.invalid_value, "name: 'core' is the core service's")
+            if name in self.config.services:
+                raise ApiError(ErrorCode.service_already_exists,
+                               f"{name} is a service of the config file")
+            if name in self.services:
+                raise ApiError(ErrorCode.service_already_exists, name)
+            service = await self._start(self._parse(name, definition, "api"))
+            try:
+                await self.store.save(name, {"name": name, **definition})
+            except BaseException:
+                await self._remove(service, "the service could not be stored")
+                raise
+            return {"name": name}
+
+    async def update_service(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        async with self._changing:
+            service = self._changeable(name)
+            table = {key: value for key, value in {**service.config.source, **changes}.items()
+                     if value is not None}
+            definition = self._parse(name, table, service.config.origin)
+            self._check_ports_free(definition)
+            chain = await service.new_chain(definition, await _logic(definition))
+            listeners = self._listeners[name]
+            try:
+                change = await listeners.change(definition, renew_tls="tls" in changes)
+            except BaseException:
+                chain.stop()
+                raise
+            try:
+                if definition.origin == "api":
+                    await self.store.save(name, {"name": name, **table})
+            except BaseException:
+                await listeners.undo(change)
+                chain.stop()
+                raise
+            listeners.commit(change)
+            service.reconfigure(definition, chain)
+            self._publish("update", name)
+            return self._answer(definition, {"name": name})
+
+    async def stop_service(self, name: str) -> dict[str, Any]:
+        async with self._changing:
+            service = self._changeable(name)
+            if service.config.origin == "api":
+                await self.store.delete(name)
+            await self._remove(service, "the service was stopped")
+            return self._answer(service.config, {})
+
+    async def list_services(self) -> list[dict[str, Any]]:
+        listing = []
+        for name, service in list(self.services.items()):
+            users = await self.registry.users(name)
+            listing.append({"name": name, "listen": self.urls(name),
+                            "sessions": sum(len(ids) for ids in users.values()),
+                            "origin": service.config.origin})
+        return listing
+
+    def get_service(self, name: str) -> dict[str, Any]:
+        service = self.services.get(name)
+        if service is None:
+            raise ApiError(ErrorCode.service_not_found, name)
+        return public_definition(service.config)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _parse(self, name: str, table: dict[str, Any], origin: str) -> ServiceConfig:
+        return parse_service(name, table, self.config.base_dir, where=f"services.{name}.",
+                             origin=origin)
+
+    def _changeable(self, name: str) -> Service:
+        if name == "core":  # the admin's own way in comes from the config file only
+            raise ApiError(ErrorCode.invalid_value, "name: the core service is the config "
+                           "file's [core]")
+        service = self.services.get(name)
+        if service is None:
+            raise ApiError(ErrorCode.service_not_found, name)
+        return service
+
+    async def _remove(self, service: Service, reason: str) -> None:
+        """Free the sockets, close the sessions (telling them `reason`), drop the rest."""
+        self._publish("stop", service.name)
+        self._listeners.pop(service.name).close()
+        del self.services[service.name]
+        service.stop(reason)
+
+    def _check_ports_free(self, definition: ServiceConfig) -> None:
+        """A numbered port of another service is refused by name (the OS would only say
+        "address in use")."""
+        for port in ports_of(definition):
+            for other, listeners in self._listeners.items():
+                if other != definition.name and (port.host, port.port) in listeners.addresses():
+                    raise ConfigError(f"{definition.table}.listen",
+                                      f"services {other} and {definition.name} both listen "
+                                      f"on {port.host}:{port.port}")
+
+    def _publish(self, what: str, name: str) -> None:
+        """`core/service/start|stop|update` in the core service (§5.4)."""
+        body = {"listen": self.urls(name), "origin": self.services[name].config.origin}
+        self.events.publish(Topic("core", "core", "service", what, name), body)
+
+    @staticmethod
+    def _answer(definition: ServiceConfig, answer: dict[str, Any]) -> dict[str, Any]:
+        """A change to a service of the config file says it lasts until the restart."""
+        if definition.origin == "config":
+            return {**answer, "origin": "config", "note": UNTIL_RESTART}
+        return answer
+
+
+def _without_name(table: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in table.items() if key != "name"}
+
+
+async def _logic(definition: ServiceConfig) -> list[Link]:
+    """The links of a service's plugins and Lua script, top first; the script runs in a
+    thread as it loads (it may take up to lua_timeout)."""
+    where = f"{definition.table}."
+    return [*plugin_links(definition, where),
+            *await asyncio.to_thread(_script_links, definition, where)]
 
 
 def _script_links(definition: ServiceConfig, where: str) -> list[Link]:
@@ -131,53 +264,10 @@ def _script_links(definition: ServiceConfig, where: str) -> list[Link]:
         try:
             source = Path(definition.script).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{key}: cannot read {definition.script}: {exc}") from exc
+            raise ConfigError(key, f"cannot read {definition.script}: {exc}") from exc
     elif definition.script_code:
         key, source = f"{where}script_code", definition.script_code
     else:
         return []
     return [LuaLogic(source, name=definition.name, timeout=definition.lua_timeout,
                      memory=definition.lua_memory, where=key)]
-
-
-def _ports_of(definition: ServiceConfig) -> list[_Port]:
-    """Group URLs into sockets: tcp+ws (or tls+wss) on one host and port share one.
-
-    Port 0 asks for any free port: the plain URLs of a host get one, the secure ones another.
-    """
-    grouped: dict[tuple[str, int, bool], list[ListenUrl]] = defaultdict(list)
-    for url in definition.listen:
-        grouped[(url.host, url.port, url.secure)].append(url)
-    ports = [_Port(host, port, tuple(urls)) for (host, port, _), urls in grouped.items()]
-    numbered = [(p.host, p.port) for p in ports if p.port]
-    if len(numbered) != len(set(numbered)):
-        raise ConfigError(f"{definition.name}: a port mixes secure and plain URLs; only "
-                          "tcp+ws or tls+wss may share a port")
-    return ports
-
-
-def _check_no_port_shared(ports: dict[str, list[_Port]]) -> None:
-    owner: dict[tuple[str, int], str] = {}
-    for service, service_ports in ports.items():
-        for port in service_ports:
-            key = (port.host, port.port)
-            if port.port and key in owner:
-                raise ConfigError(f"services {owner[key]} and {service} both listen on "
-                                  f"{port.host}:{port.port}")
-            owner[key] = service
-
-
-def _tls_context(definition: ServiceConfig) -> ssl.SSLContext:
-    where, tls = definition.table, definition.tls
-    if not tls.certfile:
-        raise ConfigError(f"{where}: tls and wss URLs need tls.certfile (and tls.keyfile)")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(tls.certfile, tls.keyfile or None)
-        if tls.cafile:
-            context.load_verify_locations(tls.cafile)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"{where}.tls: {exc}") from exc
-    if tls.verify_client:
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context

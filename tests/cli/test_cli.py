@@ -528,7 +528,7 @@ async def test_serve_on_a_port_in_use_says_how_to_find_the_holder(
 
 
 @pytest.mark.parametrize(("config", "says"), [
-    ('[core]\npinginterval = 5\n', "unknown key core.pinginterval"),  # found reading it
+    ('[core]\npinginterval = 5\n', "core.pinginterval: unknown key"),  # found reading it
     ('[admin]\npassword = "pw"\n[core]\nlisten = ["tls://127.0.0.1:0"]\n',
      "tls.certfile"),  # found starting
 ])

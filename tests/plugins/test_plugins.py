@@ -44,7 +44,8 @@ async def test_the_chain_runs_from_the_top_plugin_down_to_the_base() -> None:
     (("tests.plugins.sample:NOT_A_PLUGIN",), {}, "is not a nkservice Plugin"),
     (("tests.plugins.sample:Loop",), {}, "in a circle: "),
     (("tests.plugins.sample:Base",), {"ghost": {}}, "services.demo.plugin.ghost"),
-    (("tests.plugins.sample:Base",), {"base": {"k": 1}}, "unknown key services.demo.plugin.base.k"),
+    (("tests.plugins.sample:Base",), {"base": {"k": 1}},
+     "services.demo.plugin.base.k: unknown key"),
 ])
 def test_bad_plugin_configuration_names_the_key(names: tuple[str, ...],
                                                 tables: dict[str, dict[str, object]],

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from nkservice.errors import ApiError, ErrorCode
 from nkservice.events.bus import LocalBus
 from nkservice.events.fanout import Events
 from nkservice.protocol.connection import Goodbye
@@ -57,6 +58,23 @@ class FakeNode:
 
     def find_service(self, name: str) -> ServiceContext | None:
         return self.services.get(name)
+
+    # Services changed at run time are the real node's (tests/e2e/test_services_e2e.py).
+
+    async def create_service(self, name: str, definition: dict[str, Any]) -> dict[str, Any]:
+        raise ApiError(ErrorCode.not_implemented)
+
+    async def update_service(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        raise ApiError(ErrorCode.not_implemented)
+
+    async def stop_service(self, name: str) -> dict[str, Any]:
+        raise ApiError(ErrorCode.not_implemented)
+
+    async def list_services(self) -> list[dict[str, Any]]:
+        raise ApiError(ErrorCode.not_implemented)
+
+    def get_service(self, name: str) -> dict[str, Any]:
+        raise ApiError(ErrorCode.not_implemented)
 
     def add(self, name: str, logic: list[Link] | None = None, **table: Any) -> Service:
         definition = {"admin": {"user": "boss", "password": "pw"},

@@ -56,7 +56,7 @@ permissions = { user = ["core.user.list"] }
 
 
 @pytest.mark.parametrize(("table", "message"), [
-    ({"nodes": {}}, "unknown key nodes"),
+    ({"nodes": {}}, "nodes: unknown key"),
     ({"services": {"demo": {"listen": ["http://x:1"]}}}, "scheme"),
     ({"services": {"demo": {"ping_interval": "5"}}}, "services.demo.ping_interval"),
     ({"services": {"demo": {"ping_interval": -1}}}, "services.demo.ping_interval"),

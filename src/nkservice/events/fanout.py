@@ -103,6 +103,12 @@ class Events:
             self.unsubscribe(subscriber, subscription.topic)
         return dropped
 
+    def drop_service(self, service: str) -> None:
+        """The service has stopped: every subscription to its events ends, whoever held it
+        (the global admin may subscribe to any service's events)."""
+        for subscriber, topic in self.index.in_service(service):
+            self.unsubscribe(subscriber, topic)
+
     def publish(self, topic: Topic, body: Any = None) -> None:
         self.bus.publish(topic, body)
 

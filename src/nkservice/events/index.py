@@ -98,6 +98,13 @@ class SubscriptionIndex(Generic[S]):
                     chosen[subscriber] = subscription
         return chosen
 
+    def in_service(self, service: str) -> list[tuple[S, Topic]]:
+        """Every subscription to the events of `service`, with its subscriber."""
+        return [(subscriber, subscription.topic)
+                for (of_service, _), by_key in self._classes.items() if of_service == service
+                for holders in by_key.values()
+                for subscriber, subscription in holders.items()]
+
     def __len__(self) -> int:
         return sum(len(holders) for by_key in self._classes.values()
                    for holders in by_key.values())

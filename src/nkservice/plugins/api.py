@@ -33,7 +33,7 @@ class Plugin:
         table's name for error messages (`services.demo.plugin.NAME.`); raise
         `ConfigError` naming the key. By default a plugin takes no settings."""
         if table:
-            raise ConfigError(f"unknown key {where}{sorted(table)[0]}")
+            raise ConfigError(f"{where}{sorted(table)[0]}", "unknown key", syntax=True)
         return None
 
     def link(self, service: ServiceConfig, settings: Any) -> Link:

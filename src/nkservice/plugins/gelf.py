@@ -470,9 +470,9 @@ class GelfPlugin(Plugin):
     def link(self, service: ServiceConfig, settings: Any) -> Link:
         where = service.table
         if not service.gelf.host:
-            raise ConfigError(f"{where}.gelf.host: the gelf plugin needs the collector's host")
+            raise ConfigError(f"{where}.gelf.host", "the gelf plugin needs the collector's host")
         try:
             sender = GelfSender(service.gelf.host, service.gelf.port)
         except ValueError as exc:
-            raise ConfigError(f"{where}.gelf.port: {exc}") from exc
+            raise ConfigError(f"{where}.gelf.port", str(exc)) from exc
         return GelfLog(sender)

@@ -25,7 +25,7 @@ def resolve(name: str, where: str) -> Plugin:
     if ":" not in name:
         builtin = BUILTINS.get(name)
         if builtin is None:
-            raise ConfigError(f"{where}: no built-in plugin {name!r} (built-in: "
+            raise ConfigError(where, f"no built-in plugin {name!r} (built-in: "
                               f"{', '.join(sorted(BUILTINS))}; others are named "
                               "package.module:attribute)")
         return builtin()
@@ -33,10 +33,10 @@ def resolve(name: str, where: str) -> Plugin:
     try:
         target = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"{where}: cannot load plugin {name!r}: {exc}") from exc
+        raise ConfigError(where, f"cannot load plugin {name!r}: {exc}") from exc
     plugin = target() if isinstance(target, type) else target
     if not isinstance(plugin, Plugin):
-        raise ConfigError(f"{where}: {name!r} is not a nkservice Plugin")
+        raise ConfigError(where, f"{name!r} is not a nkservice Plugin")
     if not plugin.name:
         plugin.name = name
     return plugin
@@ -58,7 +58,7 @@ def ordered(names: tuple[str, ...], where: str) -> list[Plugin]:
     def place(name: str) -> None:
         """Depth first: a plugin goes below everything that depends on it."""
         if name in placing:
-            raise ConfigError(f"{where}: plugins depend on each other in a circle: "
+            raise ConfigError(where, "plugins depend on each other in a circle: "
                               f"{' -> '.join([*placing[placing.index(name):], name])}")
         if found[name] in chain:
             return
@@ -82,8 +82,8 @@ def plugin_links(service: ServiceConfig, where: str) -> list[Link]:
     known = {plugin.name for plugin in plugins} | set(names)
     for name in tables:
         if name not in known:
-            raise ConfigError(f"{where}plugin.{name}: no plugin of that name in "
-                              f"{where}plugins")
+            raise ConfigError(f"{where}plugin.{name}",
+                              f"no plugin of that name in {where}plugins")
     return [plugin.link(service, plugin.settings(dict(tables.get(plugin.name, {})),
                                                  f"{where}plugin.{plugin.name}."))
             for plugin in plugins]

@@ -343,11 +343,11 @@ class LuaState:
             self._deadline = time.monotonic() + timeout
             status, detail = start(source, "=" + where)
         except lua54.LuaMemoryError:  # not even room for the sandbox, or the script's text
-            raise ConfigError(f"{where}: lua_memory ({memory} bytes) is too small") from None
+            raise ConfigError(where, f"lua_memory ({memory} bytes) is too small") from None
         finally:
             self._deadline = 0.0
         if status != "ok":
-            raise ConfigError(_load_error(where, status, str(detail)))
+            raise ConfigError(where, _load_error(status, str(detail)))
         self.defined = frozenset(str(detail).split())
         """The hooks the script defines when it has run: "login", "subscribe", "cmd", "event"."""
 
@@ -398,16 +398,16 @@ def script_traceback(text: str) -> str:
                      if "nkservice.lua:" not in line and line != "\t[C]: in function 'xpcall'")
 
 
-def _load_error(where: str, status: str, detail: str) -> str:
+def _load_error(status: str, detail: str) -> str:
     if status == "timeout":
-        return f"{where}: the script did not finish within lua_timeout"
+        return "the script did not finish within lua_timeout"
     if status == "memory":
-        return f"{where}: the script needs more than lua_memory"
+        return "the script needs more than lua_memory"
     message = detail.split("\nstack traceback:", 1)[0]
     match = WHERE_LINE.match(message)
     if match is None:
-        return f"{where}: {message}"
-    return f"{where}: line {match[2]}: {match[3]}"
+        return message
+    return f"line {match[2]}: {match[3]}"
 
 
 class _Worker:
@@ -490,9 +490,9 @@ class LuaLogic(Link):
         `services.<name>.script`); a script that does not load raises `ConfigError`."""
         where = where or f"services.{name}.script"
         if not timeout > 0:
-            raise ConfigError(f"services.{name}.lua_timeout: must be more than 0")
+            raise ConfigError(f"services.{name}.lua_timeout", "must be more than 0")
         if memory <= 0:
-            raise ConfigError(f"services.{name}.lua_memory: must be more than 0")
+            raise ConfigError(f"services.{name}.lua_memory", "must be more than 0")
         self.name = name
         self.timeout = timeout
         self.log = logging.getLogger(f"nkservice.lua.{name}")

@@ -338,6 +338,18 @@ class Connection:
             self._next_ping = self._clock() + interval
             self._want_wake(self._next_ping)
 
+    def apply_limits(self, limits: Limits) -> None:
+        """The service's settings changed: they apply from now on. What is already waiting
+        keeps its deadline; a logged-in connection's next ping comes one new interval from
+        now (or never, at 0)."""
+        interval_changed = limits.ping_interval != self.limits.ping_interval
+        self.limits = limits
+        if interval_changed and self._login_deadline is None and not self.closed:
+            interval = limits.ping_interval
+            self._next_ping = self._clock() + interval if interval > 0 else None
+            if self._next_ping is not None:
+                self._want_wake(self._next_ping)
+
     def on_timer(self) -> None:
         self._wake = None
         if self.closed:

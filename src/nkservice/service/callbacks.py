@@ -64,6 +64,11 @@ class LocalCallbacks:
         for key in [key for key, apps in self._apps.items() if app in apps]:
             self.unregister(key, app)
 
+    def forget_service(self, service: str) -> None:
+        for key in [key for key in self._apps if key.service == service]:
+            del self._apps[key]
+            self._turn.pop(key, None)
+
     def registered(self, key: CallbackKey) -> bool:
         return key in self._apps
 

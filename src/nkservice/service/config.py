@@ -8,8 +8,9 @@ fails the start instead of being silently ignored.
 
 from __future__ import annotations
 
+import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -86,7 +87,9 @@ class ServiceConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)
     gelf: GelfConfig = field(default_factory=GelfConfig)
     permissions: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    origin: str = "config"
+    origin: str = "config"  # or "api": created at run time, kept in the node's store
+    source: dict[str, Any] = field(default_factory=dict, compare=False)
+    """The table it was read from, as written: an update changes some of its keys."""
 
     @property
     def table(self) -> str:
@@ -102,6 +105,7 @@ class NodeConfig:
     data_dir: Path = Path(".nkservice")
     workers: int = 1
     cluster: str = ""
+    base_dir: Path = Path(".")  # relative file names (scripts, TLS files) start here
 
     @property
     def uses_default_password(self) -> bool:
@@ -114,7 +118,7 @@ def load_config(path: Path | None) -> NodeConfig:
     try:
         table = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        raise ConfigError(str(path), str(exc)) from exc
     return parse_node_config(table, path.parent)
 
 
@@ -128,7 +132,7 @@ NOT_YET = {
 def _refuse_not_yet(table: dict[str, Any], where: str) -> None:
     for key, why in NOT_YET.items():
         if table.get(key):
-            raise ConfigError(f"{where}{key}: {why}; remove the key (or leave it empty)")
+            raise ConfigError(f"{where}{key}", f"{why}; remove the key (or leave it empty)")
 
 
 def config_warnings(config: NodeConfig) -> list[str]:
@@ -161,7 +165,9 @@ def parse_node_config(table: dict[str, Any], base_dir: Path) -> NodeConfig:
         for name in _table(table, "services")
     }
     if "core" in services:
-        raise ConfigError("services.core: the name 'core' is the [core] table's")
+        raise ConfigError("services.core", "the name 'core' is the [core] table's")
+    for name in services:
+        check_service_name(name, f"services.{name}")
     data_dir = Path(_get(node, "node.data_dir", str, ".nkservice"))
     return NodeConfig(
         admin=Credentials(_get(admin, "admin.user", str, DEFAULT_ADMIN[0]),
@@ -171,6 +177,7 @@ def parse_node_config(table: dict[str, Any], base_dir: Path) -> NodeConfig:
         data_dir=data_dir if data_dir.is_absolute() else base_dir / data_dir,
         workers=_get(node, "node.workers", int, 1),
         cluster=_get(node, "node.cluster", str, ""),
+        base_dir=base_dir,
     )
 
 
@@ -180,6 +187,16 @@ _SERVICE_KEYS = {
     "resume_window", "resume_buffer", "max_subscriptions", "lua_timeout",
     "lua_memory", "tls", "gelf", "permissions",
 } | _LIMIT_KEYS
+
+
+SERVICE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+
+
+def check_service_name(name: str, key: str) -> None:
+    """A service's name is a plain identifier: it appears in URLs, logs and bus subjects."""
+    if not SERVICE_NAME.fullmatch(name):
+        raise ConfigError(key, f"{name!r} is not a service name: letters, digits, '_' and "
+                          "'-', starting with a letter or '_', at most 64")
 
 
 def parse_service(name: str, table: dict[str, Any], base_dir: Path, *, where: str = "",
@@ -212,10 +229,11 @@ def parse_service(name: str, table: dict[str, Any], base_dir: Path, *, where: st
     })
     script = _get(table, f"{where}script", str, "")
     if script and table.get("script_code"):
-        raise ConfigError(f"{where}script_code: give script (a file) or script_code, not both")
+        raise ConfigError(f"{where}script_code", "give script (a file) or script_code, not both")
     return ServiceConfig(
         name=name,
-        listen=tuple(parse_listen_url(_as(url, f"{where}listen", str)) for url in listen),
+        listen=tuple(parse_listen_url(_as(url, f"{where}listen", str), f"{where}listen")
+                     for url in listen),
         admin=admin,
         users=dict(users),
         plugins=tuple(_as(p, f"{where}plugins", str) for p in _get(table, f"{where}plugins",
@@ -244,19 +262,54 @@ def parse_service(name: str, table: dict[str, Any], base_dir: Path, *, where: st
             for role, patterns in permissions.items()
         },
         origin=origin,
+        source=dict(table),
     )
 
 
-def parse_listen_url(url: str) -> ListenUrl:
+_SECRET_WORDS = ("password", "secret", "token", "key")
+HIDDEN = "<hidden>"
+
+
+def public_definition(service: ServiceConfig) -> dict[str, Any]:
+    """A service's definition with every key of §11, for `get_service`: no secret in it
+    (passwords are left out; users are listed by name; plugin settings whose name says
+    password, secret, token or key are hidden; TLS files are named, not read)."""
+    limits = asdict(service.limits)
+    return {
+        "name": service.name,
+        "origin": service.origin,
+        "listen": [str(url) for url in service.listen],
+        "admin": {"user": service.admin.user} if service.admin else None,
+        "users": sorted(service.users),
+        "plugins": list(service.plugins),
+        "plugin": {plugin: {key: HIDDEN if any(w in key.lower() for w in _SECRET_WORDS)
+                            else value for key, value in settings.items()}
+                   for plugin, settings in service.plugin.items()},
+        "script": service.script,
+        "script_code": service.script_code,
+        **limits,
+        "login_failure_delay": service.login_failure_delay,
+        "resume_window": service.resume_window,
+        "resume_buffer": service.resume_buffer,
+        "max_subscriptions": service.max_subscriptions,
+        "lua_timeout": service.lua_timeout,
+        "lua_memory": service.lua_memory,
+        "tls": asdict(service.tls),
+        "gelf": asdict(service.gelf),
+        "permissions": {role: list(patterns) for role, patterns in service.permissions.items()},
+    }
+
+
+def parse_listen_url(url: str, key: str = "listen") -> ListenUrl:
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise ConfigError(f"listen URL {url!r}: {exc}") from exc
+        raise ConfigError(key, f"{url!r}: {exc}") from exc
     if parts.scheme not in SCHEMES:
-        raise ConfigError(f"listen URL {url!r}: the scheme must be one of {', '.join(SCHEMES)}")
+        raise ConfigError(key, f"{url!r}: the scheme must be one of {', '.join(SCHEMES)}")
     if not parts.hostname:
-        raise ConfigError(f"listen URL {url!r}: a host is needed")
+        raise ConfigError(key, f"{url!r}: a host is needed")
     ws = parts.scheme in ("ws", "wss")
     return ListenUrl(
         scheme=parts.scheme,
@@ -269,7 +322,7 @@ def parse_listen_url(url: str) -> ListenUrl:
 def _known(table: dict[str, Any], where: str, keys: set[str]) -> None:
     unknown = sorted(set(table) - keys)
     if unknown:
-        raise ConfigError(f"unknown key {where}{unknown[0]}")
+        raise ConfigError(f"{where}{unknown[0]}", "unknown key", syntax=True)
 
 
 def _table(table: dict[str, Any], key: str) -> dict[str, Any]:
@@ -278,7 +331,7 @@ def _table(table: dict[str, Any], key: str) -> dict[str, Any]:
 
 def _as(value: Any, key: str, kind: type[T]) -> T:
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+        raise ConfigError(key, f"expected {kind.__name__}, got {value!r}", syntax=True)
     return value
 
 
@@ -293,9 +346,10 @@ def _number(table: dict[str, Any], key: str, kind: type[N], default: N) -> N:
         return default
     value = table[name]
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ConfigError(f"{key}: expected a non-negative number, got {value!r}")
+        raise ConfigError(key, f"expected a non-negative number, got {value!r}",
+                          syntax=not isinstance(value, int | float) or isinstance(value, bool))
     if kind is int and not isinstance(value, int):
-        raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+        raise ConfigError(key, f"expected a whole number, got {value!r}", syntax=True)
     return kind(value)
 
 
@@ -306,5 +360,5 @@ def _path(table: dict[str, Any], key: str, base_dir: Path) -> str:
         return ""
     path = base_dir / value
     if not path.is_file():
-        raise ConfigError(f"{key}: no such file: {path}")
+        raise ConfigError(key, f"no such file: {path}")
     return str(path)

@@ -169,6 +169,23 @@ class Directory(Protocol):
 
     def find_service(self, name: str) -> ServiceContext | None: ...
 
+    # The `service` commands of §6: the node's services, changed while it runs. A
+    # definition is a §11 table; what cannot be used raises `ConfigError` naming the key.
+
+    async def create_service(self, name: str, definition: dict[str, Any]) -> dict[str, Any]:
+        """Start a new service and keep its definition; the answer's data."""
+
+    async def update_service(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change some keys of a running service (a key set to None: back to its default)."""
+
+    async def stop_service(self, name: str) -> dict[str, Any]:
+        """Stop a service: its sessions are closed, its sockets freed, its definition gone."""
+
+    async def list_services(self) -> list[dict[str, Any]]: ...
+
+    def get_service(self, name: str) -> dict[str, Any]:
+        """A running service's definition, without its secrets."""
+
 
 # -- the session registry ----------------------------------------------------------------------
 
@@ -284,6 +301,9 @@ class CallbackRegistry(Protocol):
 
     def drop(self, app: Caller) -> None:
         """The app's connection ended: its registrations end with it."""
+
+    def forget_service(self, service: str) -> None:
+        """The service stopped: every registration for its callbacks ends."""
 
     def registered(self, key: CallbackKey) -> bool:
         """Is any app registered for `key`? (Cheap: asked for every request.)"""

@@ -9,12 +9,13 @@ from nkservice.errors import ApiError, ErrorCode
 from nkservice.events.index import Topic
 from nkservice.protocol.messages import Request
 from nkservice.protocol.names import canonical
-from nkservice.service import callback_commands, commands, event_commands
+from nkservice.service import callback_commands, commands, event_commands, service_commands
 from nkservice.service.contracts import Caller
 from nkservice.service.logic import Link
 from nkservice.service.permissions import allowed
 
-COMMANDS = {**commands.TABLE, **event_commands.TABLE, **callback_commands.TABLE}
+COMMANDS = {**commands.TABLE, **event_commands.TABLE, **callback_commands.TABLE,
+            **service_commands.TABLE}
 
 
 class CoreLogic(Link):

@@ -131,8 +131,16 @@ class LogicChain:
                 log.exception("session_stop of %s failed", type(link).__name__)
 
     async def start(self) -> None:
-        for link in self.links:
-            await link.start()
+        """Start every link, top first; when one fails, those started are stopped."""
+        started: list[Link] = []
+        try:
+            for link in self.links:
+                await link.start()
+                started.append(link)
+        except BaseException:
+            for link in reversed(started):
+                link.stop()
+            raise
 
     def stop(self) -> None:
         for link in self.links:

@@ -36,14 +36,32 @@ class Service:
         self.directory = directory
         self.events = directory.events
         self.registry = directory.registry
+        self.logic = self._chain(config, logic)
+        self.connections: set[Caller] = set()  # logged in or not, for shutdown
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _chain(self, config: ServiceConfig, logic: Sequence[Link]) -> LogicChain:
+        directory = self.directory
         is_core = config.name == "core"  # only the global administrator logs in there
         links = [*administrators(directory.admin, config.admin, is_core=is_core), *logic]
         if not is_core:
             links += [CallbackLink(config.name, directory.callbacks),
                       StaticUsersLogin(config.users)]
-        self.logic = LogicChain([*links, CoreLogic()])
-        self.connections: set[Caller] = set()  # logged in or not, for shutdown
-        self._tasks: set[asyncio.Task[None]] = set()
+        return LogicChain([*links, CoreLogic()])
+
+    async def new_chain(self, config: ServiceConfig, logic: Sequence[Link]) -> LogicChain:
+        """The chain of a new definition, started, for `reconfigure` (or to stop)."""
+        chain = self._chain(config, logic)
+        await chain.start()
+        return chain
+
+    def reconfigure(self, config: ServiceConfig, chain: LogicChain) -> None:
+        """Take a new definition while running: the new chain decides every login and
+        request from now on, and the connections take the new limits."""
+        old, self.logic, self.config = self.logic, chain, config
+        for caller in self.connections:
+            caller.conn.apply_limits(config.limits)
+        old.stop()
 
     def accept(self, wire: Wire, clock: Callable[[], float], transport: str, host: str,
                port: int) -> Connection:
@@ -73,6 +91,8 @@ class Service:
         for session in list(self.connections):
             session.stop(reason, CloseCode.going_away)
         self.registry.forget_service(self.name)
+        self.events.drop_service(self.name)
+        self.directory.callbacks.forget_service(self.name)
         for task in list(self._tasks):
             task.cancel()
         self.logic.stop()

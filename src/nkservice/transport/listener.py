@@ -17,6 +17,7 @@ import ssl
 from collections.abc import Callable, Collection
 from typing import cast
 
+from nkservice.protocol.connection import Limits
 from nkservice.transport.base import Accept
 from nkservice.transport.lines import LineProtocol
 from nkservice.transport.websocket import websocket_protocol_factory
@@ -98,9 +99,11 @@ def _replay(protocol: asyncio.BaseProtocol, data: bytes) -> None:
 
 
 async def listen(accept: Accept, host: str, port: int, *, lines: bool, websocket_paths:
-                 Collection[str], tls: ssl.SSLContext | None, max_message_size: int,
-                 login_timeout: float) -> asyncio.Server:
-    """Listen on host:port for newline JSON (`lines`), WebSocket (`websocket_paths`), or both."""
+                 Collection[str], tls: ssl.SSLContext | None, limits: Callable[[], Limits],
+                 ) -> asyncio.Server:
+    """Listen on host:port for newline JSON (`lines`), WebSocket (`websocket_paths`), or both.
+    `limits()` is read for each new connection: the service's settings may change while
+    the socket stays."""
     secure = tls is not None
     lines_scheme, websocket_scheme = ("tls", "wss") if secure else ("tcp", "ws")
 
@@ -108,11 +111,11 @@ async def listen(accept: Accept, host: str, port: int, *, lines: bool, websocket
         return LineProtocol(accept, lines_scheme)
 
     make_websocket = websocket_protocol_factory(accept, websocket_scheme, websocket_paths,
-                                                max_message_size)
+                                                lambda: limits().max_message_size)
     factory: ProtocolFactory
     if lines and websocket_paths:
         def factory() -> asyncio.BaseProtocol:
-            return SniffingProtocol(make_lines, make_websocket, login_timeout)
+            return SniffingProtocol(make_lines, make_websocket, limits().login_timeout)
     elif websocket_paths:
         factory = make_websocket
     else:

@@ -254,7 +254,7 @@ def _is_utf8(payload: bytes) -> bool:
 
 
 def websocket_protocol_factory(accept: Accept, scheme: str, paths: Collection[str],
-                               max_message_size: int, *,
+                               max_message_size: Callable[[], int], *,
                                listener: type[MessageListener] = MessageListener,
                                ) -> Callable[[], asyncio.BufferedProtocol]:
     """An asyncio protocol factory for a WebSocket listener serving `paths`. (`listener`:
@@ -268,6 +268,6 @@ def websocket_protocol_factory(accept: Accept, scheme: str, paths: Collection[st
     server_log = logging.getLogger(PICOWS_LOGGER)
 
     def make() -> asyncio.BufferedProtocol:
-        return server_protocol(route, max_message_size, server_log)
+        return server_protocol(route, max_message_size(), server_log)
 
     return make
