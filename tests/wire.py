@@ -110,6 +110,14 @@ class Peer:
         data: dict[str, Any] = response["data"]
         return data
 
+    def peer_certificate(self) -> dict[str, Any]:
+        """The server's certificate, as `ssl.SSLSocket.getpeercert()` gives it."""
+        carrier: Any = self._ws.transport if self._ws is not None else self._writer
+        assert carrier is not None
+        certificate = carrier.get_extra_info("ssl_object").getpeercert()
+        assert isinstance(certificate, dict)
+        return certificate
+
     async def send_fragments(self, parts: list[str]) -> None:
         """One WebSocket text message split over several frames."""
         assert self._ws is not None

@@ -1,4 +1,5 @@
-"""The `nkservice` command: run a node, call a server, listen to events, hash a password.
+"""The `nkservice` command: run a node, call a server, manage its services, listen to events,
+hash a password.
 
 No traceback reaches a user: every failure is one line on stderr (an error answer of the
 server is that answer as one JSON line), with a non-zero exit status: 1 when the command
@@ -15,13 +16,15 @@ import errno
 import getpass
 import json
 import logging
+import math
 import os
 import re
 import signal
 import socket
 import ssl
 import sys
-from collections.abc import Iterator
+import tomllib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
@@ -57,6 +60,9 @@ TCP, TLS, WebSocket and secure WebSocket.
                                           send one request, print the answer as JSON
   nkservice call ws://127.0.0.1:9010/ core user list --user admin --password admin
                                           log in first (asked for on a terminal if left out)
+  nkservice services create ws://127.0.0.1:9010/ demo.toml --user admin --password admin
+                                          start a service at run time; also list, get,
+                                          update, stop (see `nkservice services --help`)
   nkservice listen ws://127.0.0.1:9010/ --user admin --password admin \\
       --subscribe core/session            print events as JSON lines until Ctrl-C
   nkservice hash-password                 print a scrypt hash to put in a config file
@@ -134,6 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--data", default="{}", help="the request's data, as JSON")
     _add_login_options(call)
 
+    _add_services_parser(commands)
+
     listen = commands.add_parser(
         "listen", help="subscribe and print events as JSON lines until interrupted",
         usage="%(prog)s [options] URL --subscribe CLASS[/SUBCLASS[/TYPE[/OBJ_ID]]] ...",
@@ -154,6 +162,80 @@ def _parser() -> argparse.ArgumentParser:
                     "asked for twice on a terminal, else read from the first line of stdin.")
     hashing.add_argument("password", nargs="?", help="asked for when not given")
     return parser
+
+
+SERVICE_FILE_HELP = """\
+FILE is a service definition: the keys of a `[services.NAME]` table of a node config
+(listen, admin, users, tls, ...; see docs/config.md), at the top level of a TOML file,
+or as a JSON object when FILE ends in .json. A TOML file holding one `[services.NAME]`
+table, as in a node config, is taken too; NAME is then the table's. `-` reads the
+definition from stdin, as JSON or TOML."""
+
+
+def _add_services_parser(commands: Any) -> None:
+    services = commands.add_parser(
+        "services", help="list, get, create, update or stop the services of a node",
+        usage="%(prog)s {list,get,create,update,stop} URL ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Manage a node's services at run time: send a `core service` command to "
+                    "URL, the node's core\nservice (e.g. ws://127.0.0.1:9010/), as the "
+                    "global admin, and print the answer's data\nas JSON. Logging in is as "
+                    "for `call`: --user and --password, asked for when left\nout and stdin "
+                    "is a terminal. Exit 0 on ok; on an error answer print it to stderr as\n"
+                    "JSON and exit 1; any other failure is one line on stderr.\n\n"
+                    "  nkservice services list URL              name, listen URLs, "
+                    "sessions, origin of each\n"
+                    "  nkservice services get URL NAME          its definition, without "
+                    "secrets\n"
+                    "  nkservice services create URL FILE [--name NAME]\n"
+                    "                                           start a service defined "
+                    "in FILE\n"
+                    "  nkservice services update URL NAME FILE  change the keys given in "
+                    "FILE\n"
+                    "  nkservice services stop URL NAME         stop it, closing its "
+                    "sessions\n\n" + SERVICE_FILE_HELP)
+    actions = services.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def action(name: str, help_: str, usage: str, description: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = actions.add_parser(
+            name, help=help_, prog=f"nkservice services {name}",
+            usage=f"%(prog)s [options] URL {usage}".rstrip(),
+            description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_connection_options(parser)
+        return parser
+
+    listing = action("list", "list the services", "",
+                     "Print the node's services as a JSON list of {name, listen, sessions, "
+                     "origin}:\n`sessions` is how many there are, `origin` is `config` or "
+                     "`api`.")
+    _add_login_options(listing)
+    get = action("get", "print a service's definition", "NAME",
+                 "Print the definition of service NAME as JSON, without its secrets.")
+    get.add_argument("name", metavar="NAME", help="the service's name")
+    _add_login_options(get)
+    create = action("create", "create a service from a file", "FILE [--name NAME]",
+                    "Create a service from FILE and start it. Its name is --name, FILE's "
+                    "`name` key, or the\nNAME of FILE's `[services.NAME]` table: one of "
+                    "them, or more that agree. Prints\n{\"name\": NAME}. The node keeps a "
+                    "service created so across restarts.\n\n" + SERVICE_FILE_HELP)
+    create.add_argument("file", metavar="FILE", help="the definition (TOML or JSON; - for stdin)")
+    create.add_argument("--name", help="the service's name, when FILE does not give it")
+    _add_login_options(create)
+    update = action("update", "change keys of a service from a file", "NAME FILE",
+                    "Change the keys of service NAME to those given in FILE; the keys left out "
+                    "are kept.\nFILE needs no `name`; when it has one, it must be NAME (a "
+                    "service cannot be renamed).\nPrints {\"name\": NAME}.\n\n"
+                    + SERVICE_FILE_HELP)
+    update.add_argument("name", metavar="NAME", help="the service's name")
+    update.add_argument("file", metavar="FILE", help="the keys to change (TOML or JSON; - for "
+                                                     "stdin)")
+    _add_login_options(update)
+    stop = action("stop", "stop a service", "NAME",
+                  "Stop service NAME and close its sessions. One created by the API is removed "
+                  "for good;\none from the node's config file is stopped until the node "
+                  "restarts.")
+    stop.add_argument("name", metavar="NAME", help="the service's name")
+    _add_login_options(stop)
 
 
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
@@ -199,6 +281,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         uvloop.run(_run_node(config))
     except ConfigError as exc:  # found while starting: ports, TLS files
+        if isinstance(exc.__cause__, OSError) and exc.key.endswith(".listen"):
+            raise _Failure(f"cannot start: {_listen_failure(exc.__cause__)}") from None
         raise _Failure(f"bad config: {exc}", 2) from None
     except OSError as exc:
         raise _Failure(f"cannot start: {_listen_failure(exc)}") from None
@@ -402,8 +486,6 @@ async def _login(client: Client, url: str, credentials: tuple[str, str], timeout
 # -- call ------------------------------------------------------------------------------------
 
 def _call(args: argparse.Namespace) -> int:
-    from nkservice.client import Client
-
     if len(args.words) not in (2, 3):
         raise _Failure("give CLASS CMD or CLASS SUBCLASS CMD, e.g. `core ping` or "
                        "`core user list`", 2)
@@ -418,6 +500,16 @@ def _call(args: argparse.Namespace) -> int:
     what = " ".join(args.words)
     is_ping = class_ == "core" and canonical(subclass, cmd) == ("core", "ping")
     credentials = _credentials(args, what, needed=not is_ping)
+    _print_answer(_request(args, what, credentials, class_, cmd, data, subclass))
+    return 0
+
+
+def _request(args: argparse.Namespace, what: str, credentials: tuple[str, str] | None,
+             class_: str, cmd: str, data: Any, subclass: str | None) -> Any:
+    """Connect to args.url, log in when there are credentials, send one request; its
+    answer's data, or a _Failure saying why not."""
+    from nkservice.client import Client
+
     context = _tls_context(args)
     url, timeout = args.url, args.timeout
 
@@ -435,9 +527,146 @@ def _call(args: argparse.Namespace) -> int:
             await client.close()
 
     with _client_logging(args.verbose):
-        answer = asyncio.run(run())
+        return asyncio.run(run())
+
+
+def _print_answer(answer: Any) -> None:
     print(json.dumps({} if answer is None else answer, indent=2))  # no data means {} (§1.2)
+
+
+# -- services --------------------------------------------------------------------------------
+
+def _services(args: argparse.Namespace) -> int:
+    action: str = args.action
+    if action == "create":
+        definition = _service_file(args.file)
+        name = _service_name(args.file, definition, args.name, "--name",
+                             "give one of them, or the same name")
+        if name is None:
+            raise _Failure(f"{_file_label(args.file)}: no name: give --name NAME, a \"name\" "
+                           "key, or a [services.NAME] table")
+        data: dict[str, Any] = {"name": name, **definition}
+    elif action == "update":
+        definition = _service_file(args.file)
+        _service_name(args.file, definition, args.name, "NAME",
+                      "a service cannot be renamed; leave \"name\" out")
+        definition.pop("name", None)
+        if not definition:
+            raise _Failure(f"{_file_label(args.file)}: no keys to change")
+        data = {"name": args.name, **definition}
+    elif action == "list":
+        data = {}
+    else:  # get, stop
+        data = {"name": args.name}
+    _check_url(args.url)
+    what = f"services {action}"
+    credentials = _credentials(args, what, needed=True)
+    _print_answer(_request(args, what, credentials, "core", action, data, "service"))
     return 0
+
+
+def _file_label(file: str) -> str:
+    return "stdin" if file == "-" else file
+
+
+def _service_file(file: str) -> dict[str, Any]:
+    """The service definition in FILE (JSON by its extension, else TOML; `-`: stdin, either),
+    a [services.NAME] table unwrapped to its keys plus `name`; a bad file is a _Failure."""
+    label = _file_label(file)
+    try:
+        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Failure(f"{label}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise _Failure(f"{label}: {exc.strerror or exc}") from None
+    if file == "-" and not text.strip():
+        raise _Failure(f"{label}: empty: give a service definition as JSON or TOML")
+    definition: Any
+    try:
+        if file.lower().endswith(".json"):
+            definition = _parse("JSON", _json_loads, text)
+        elif file != "-":
+            definition = _parse("TOML", tomllib.loads, text)
+        else:  # either: what it starts with says which error to tell
+            try:
+                definition = _parse("JSON", _json_loads, text)
+            except ValueError:
+                if text.lstrip().startswith("{"):
+                    raise
+                definition = _parse("TOML", tomllib.loads, text)
+    except ValueError as exc:
+        raise _Failure(f"{label}: {exc}") from None
+    if not isinstance(definition, dict):
+        raise _Failure(f"{label}: not a JSON object: a service definition is one, e.g. "
+                       '{"listen": ["tcp://127.0.0.1:9020"]}')
+    tables = definition.get("services")
+    if list(definition) == ["services"] and isinstance(tables, dict):
+        if len(tables) != 1:
+            names = ", ".join(map(str, tables)) or "none"
+            raise _Failure(f"{label}: give one [services.NAME] table, not {len(tables)} "
+                           f"({names})")
+        ((name, table),) = tables.items()
+        if not isinstance(table, dict):
+            raise _Failure(f"{label}: services.{name} is not a table")
+        if "name" in table and table["name"] != name:
+            raise _Failure(f"{label}: [services.{name}] says \"name\" is "
+                           f"{table['name']!r}")
+        definition = {"name": name, **table}
+    where = _not_json(definition)
+    if where is not None:
+        raise _Failure(f"{label}: {where[0]}: {where[1]} is not a value a service definition "
+                       "takes")
+    found: dict[str, Any] = definition
+    return found
+
+
+def _parse(language: str, parse: Callable[[str], Any], text: str) -> Any:
+    try:
+        return parse(text)
+    except ValueError as exc:  # json.JSONDecodeError and tomllib.TOMLDecodeError both are
+        raise ValueError(f"not {language}: {exc}") from None
+
+
+def _json_loads(text: str) -> Any:
+    def refuse(constant: str) -> NoReturn:
+        raise ValueError(f"{constant} is not a JSON value")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _not_json(value: Any, path: str = "") -> tuple[str, str] | None:
+    """The dotted key of the first value JSON cannot carry (TOML's dates, times, nan, inf;
+    integers beyond 64 bits), and what it is."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, str(value)
+    if isinstance(value, int) and not -2**63 <= value < 2**64:
+        return path, "a number that large"
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    elif isinstance(value, str | int | float | bool) or value is None:
+        return None
+    else:
+        return path, f"a TOML {type(value).__name__}"
+    for key, item in items:
+        found = _not_json(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def _service_name(file: str, definition: dict[str, Any], given: str | None,
+                  option: str, hint: str) -> str | None:
+    """The service's name: FILE's `name` and `given` (by `option`) must agree (else say
+    `hint`)."""
+    named = definition.get("name")
+    if named is not None and not isinstance(named, str):
+        raise _Failure(f"{_file_label(file)}: \"name\" must be a string, not {named!r}")
+    if named is not None and given is not None and named != given:
+        raise _Failure(f"{_file_label(file)}: its name {named!r} is not {option} {given!r}: "
+                       f"{hint}")
+    return given if given is not None else named
 
 
 # -- listen ----------------------------------------------------------------------------------
@@ -514,4 +743,5 @@ def _hash_password(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"serve": _serve, "call": _call, "listen": _listen, "hash-password": _hash_password}
+_COMMANDS = {"serve": _serve, "call": _call, "services": _services, "listen": _listen,
+             "hash-password": _hash_password}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 from collections import defaultdict
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from nkservice.transport.listener import listen
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int, bool]  # host, port (0: any free one), secure
+Address = tuple[str, int, bool]  # host, port (as bound: never 0), secure
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,15 +39,16 @@ class Port:
     urls: tuple[ListenUrl, ...]
     tls: TlsConfig | None  # for tls and wss: a new certificate needs a new socket
 
-    @property
-    def address(self) -> Address:
-        return self.host, self.port, self.tls is not None
+    def same_socket(self, other: Port) -> bool:
+        """Would `other` be served by this port's socket? (Port 0 is any port.)"""
+        return (self.host, self.tls, {(u.scheme, u.path) for u in self.urls}) == (
+            other.host, other.tls, {(u.scheme, u.path) for u in other.urls})
 
 
 def ports_of(definition: ServiceConfig) -> list[Port]:
     """Group a service's URLs into sockets. Port 0 asks for any free port: the plain URLs
     of a host get one, the secure ones another."""
-    grouped: dict[Address, list[ListenUrl]] = defaultdict(list)
+    grouped: dict[tuple[str, int, bool], list[ListenUrl]] = defaultdict(list)
     for url in definition.listen:
         grouped[(url.host, url.port, url.secure)].append(url)
     ports = [Port(host, port, tuple(urls), definition.tls if secure else None)
@@ -80,11 +82,11 @@ class _Bound:
     port: Port
     server: asyncio.Server
     tls: ssl.SSLContext | None
+    bound_port: int  # the port's number, or the one the kernel chose for port 0
 
     @property
-    def bound_port(self) -> int:
-        sockets = self.server.sockets
-        return int(sockets[0].getsockname()[1]) if sockets else self.port.port
+    def address(self) -> Address:
+        return self.port.host, self.bound_port, self.port.tls is not None
 
 
 class ServiceListeners:
@@ -103,9 +105,8 @@ class ServiceListeners:
                 for bound in self._bound.values() for url in bound.port.urls]
 
     def addresses(self) -> set[tuple[str, int]]:
-        """The numbered host and ports it holds or is about to (to refuse sharing them)."""
-        return {(bound.port.host, bound.port.port) for bound in self._bound.values()
-                if bound.port.port}
+        """The hosts and ports it holds (port 0 as the one bound)."""
+        return {(bound.port.host, bound.bound_port) for bound in self._bound.values()}
 
     async def change(self, definition: ServiceConfig, *, renew_tls: bool = False
                      ) -> ListenerChange:
@@ -116,30 +117,42 @@ class ServiceListeners:
         needs_tls = any(port.tls is not None for port in ports)
         context = tls_context(definition) if needs_tls else None
         change = ListenerChange()
-        wanted = {port.address: port for port in ports}
+        kept: set[Address] = set()
         try:
-            for address, port in wanted.items():
-                old = self._bound.get(address)
-                if old is not None and old.port == port and not (renew_tls and port.tls):
-                    continue
-                if old is not None:  # the same address: it must be let go of first
-                    old.server.close()
+            for port in ports:
+                old = self._holder(port, kept)
+                if old is not None:
+                    if old.port.same_socket(port) and not (renew_tls and port.tls):
+                        kept.add(old.address)
+                        continue
+                    old.server.close()  # the same address: it must be let go of first
                     change.replaced.append(old)
-                    del self._bound[address]
-                self._bound[address] = await self._bind(port, context, definition)
-                change.added.append(address)
+                    del self._bound[old.address]
+                new = await self._bind(port, context, definition)
+                self._bound[new.address] = new
+                change.added.append(new.address)
+                kept.add(new.address)
         except BaseException:
             await self.undo(change)
             raise
         change.removed = [bound for address, bound in self._bound.items()
-                          if address not in wanted]
+                          if address not in kept]
         return change
+
+    def _holder(self, port: Port, taken: set[Address]) -> _Bound | None:
+        """The socket that holds `port`'s address; for port 0, one bound at port 0 that
+        serves the same URLs, if any (the kernel chose its number)."""
+        if port.port:
+            return self._bound.get((port.host, port.port, port.tls is not None))
+        return next((bound for bound in self._bound.values()
+                     if bound.port.port == 0 and bound.address not in taken
+                     and bound.port.same_socket(port)), None)
 
     def commit(self, change: ListenerChange) -> None:
         """Keep the new sockets; close those the definition no longer has."""
         for old in change.removed:
             old.server.close()
-            self._bound.pop(old.port.address, None)
+            self._bound.pop(old.address, None)
 
     async def undo(self, change: ListenerChange) -> None:
         """Close what `change` bound, and bind again what it replaced, as it was."""
@@ -154,7 +167,7 @@ class ServiceListeners:
                 log.error("service %s: could not listen again on %s:%d: %s", self.service,
                           old.port.host, old.bound_port, exc)
                 continue
-            self._bound[old.port.address] = _Bound(old.port, server, old.tls)
+            self._bound[old.address] = _Bound(old.port, server, old.tls, old.bound_port)
 
     async def _bind(self, port: Port, context: ssl.SSLContext | None,
                     definition: ServiceConfig) -> _Bound:
@@ -162,10 +175,10 @@ class ServiceListeners:
         try:
             server = await self._listen(port, tls, port.port)
         except OSError as exc:
-            why = exc.strerror or str(exc)
+            why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
             raise ConfigError(f"{definition.table}.listen",
                               f"cannot listen on {port.host}:{port.port}: {why}") from exc
-        return _Bound(port, server, tls)
+        return _Bound(port, server, tls, int(server.sockets[0].getsockname()[1]))
 
     async def _listen(self, port: Port, tls: ssl.SSLContext | None, number: int
                       ) -> asyncio.Server:
