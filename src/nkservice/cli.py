@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        print("nkservice: give a command: serve, call, listen or hash-password (see "
+        print("nkservice: give a command: serve, call, listen, services or hash-password (see "
               "`nkservice --help`)", file=sys.stderr)
         return 2
     try:

@@ -174,6 +174,8 @@ class Node:
                 raise
             listeners.commit(change)
             service.reconfigure(definition, chain)
+            log.info("service %s updated (%s); listening on %s", name,
+                     ", ".join(sorted(changes)) or "no keys", ", ".join(listeners.urls()))
             self._publish("update", name)
             return self._answer(definition, {"name": name})
 
@@ -183,6 +185,7 @@ class Node:
             if service.config.origin == "api":
                 await self.store.delete(name)
             await self._remove(service, "the service was stopped")
+            log.info("service %s stopped", name)
             return self._answer(service.config, {})
 
     async def list_services(self) -> list[dict[str, Any]]:

@@ -209,7 +209,7 @@ def test_a_bad_url_is_one_line(capsys: pytest.CaptureFixture[str], command: str,
 
 
 @pytest.mark.parametrize(("args", "says"), [
-    ([], "give a command: serve, call, listen or hash-password"),
+    ([], "give a command: serve, call, listen, services or hash-password"),
     (["call"], "the following arguments are required"),
     (["call", "tcp://127.0.0.1:9", "core"], "give CLASS CMD or CLASS SUBCLASS CMD"),
     (["call", "tcp://127.0.0.1:9", "a", "b", "c", "d"], "give CLASS CMD"),

@@ -3,7 +3,8 @@
 - docs/protocol.md names every command the code knows (both spellings), every error code
   with its name, and every config key (or docs/config.md does);
 - the README's examples run: its Python example as a script, its `nkservice call` examples
-  as commands, each against a node, their output compared with what the README shows.
+  as commands, each against a node, their output compared with what the README shows;
+- docs/services.md's `nkservice services` session runs, in order, with its TOML files.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import inspect
 import re
 import shlex
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -24,6 +26,7 @@ import nkservice.service.config as config_module
 from nkservice.errors import ErrorCode
 from nkservice.node import Node
 from nkservice.protocol.names import SEED_NAMES, SUBCLASS_ALIASES
+from nkservice.service.config import parse_node_config
 from tests.conftest import url_of
 
 NodeFactory = Callable[..., Awaitable[Node]]
@@ -32,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROTOCOL = (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
 CONFIG = (ROOT / "docs" / "config.md").read_text(encoding="utf-8")
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+SERVICES = (ROOT / "docs" / "services.md").read_text(encoding="utf-8")
 
 # What the README's examples use, and what the test node has instead.
 README_PORT = "127.0.0.1:9010"
@@ -96,8 +100,8 @@ def test_no_link_to_a_file_outside_the_repository() -> None:
 
 # -- the README's examples ---------------------------------------------------------------------
 
-def code_blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README, re.S)
+def code_blocks(language: str, text: str = README) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, re.S)
 
 
 def shown_output(after: str) -> str:
@@ -128,17 +132,19 @@ async def test_the_readme_python_example_runs_as_a_script(make_node: NodeFactory
     assert normal(out.decode()) == normal(shown_output(script))
 
 
-def readme_calls() -> list[tuple[list[str], str]]:
-    """Each `$ .venv/bin/nkservice call …` of the README (with its `\\` continuation lines)
-    and the output shown under it, up to the next `$` line or the end of the block."""
+def readme_calls(text: str = README, subcommand: str = "call"
+                 ) -> list[tuple[list[str], str]]:
+    """Each `$ .venv/bin/nkservice call …` of the README (or `subcommand` of `text`), with
+    its `\\` continuation lines, and the output shown under it, up to the next `$` line or
+    the end of the block."""
     examples = []
-    for block in code_blocks("sh"):
+    for block in code_blocks("sh", text):
         lines = block.splitlines()
         index = 0
         while index < len(lines):
             line = lines[index]
             index += 1
-            if not line.startswith("$ .venv/bin/nkservice call "):
+            if not line.startswith(f"$ .venv/bin/nkservice {subcommand} "):
                 continue
             command = line[2:]
             while command.endswith("\\"):
@@ -163,16 +169,58 @@ async def test_the_readme_calls_print_what_the_readme_shows(make_node: NodeFacto
         command: list[Any] = [arg.replace(README_PORT, port) for arg in args]
         if "--password" in command:
             command[command.index("--password") + 1] = NODE_PASSWORD
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "nkservice", *command, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT)
-        async with asyncio.timeout(20):
-            out, _ = await process.communicate()
-        assert normal(out.decode().replace(port, README_PORT)) == normal(shown), args
+        out = await run_cli(command)
+        assert normal(out.replace(port, README_PORT)) == normal(shown), args
+
+
+async def run_cli(args: list[str], cwd: Path | None = None) -> str:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nkservice", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, cwd=cwd)
+    async with asyncio.timeout(20):
+        out, _ = await process.communicate()
+    return out.decode()
+
+
+async def test_the_services_session_prints_what_services_md_shows(tmp_path: Path) -> None:
+    """With the node on free ports in place of 9010, 9020 and 9021."""
+    ports = {"9010": str(free_port()), "9020": str(free_port()), "9021": str(free_port())}
+
+    def here(text: str) -> str:
+        for shown, free in ports.items():
+            text = text.replace(f"127.0.0.1:{shown}", f"127.0.0.1:{free}")
+        return text
+
+    for block in code_blocks("toml", SERVICES):
+        name = block.splitlines()[0].removeprefix("# ")
+        (tmp_path / name).write_text(here(block), encoding="utf-8")
+    config = parse_node_config({"node": {"data_dir": str(tmp_path / "data")},
+                                "core": {"listen": [here("ws://127.0.0.1:9010/"),
+                                                    here("tcp://127.0.0.1:9010")]}}, tmp_path)
+    node = Node(config)
+    await node.start()
+    try:
+        calls = readme_calls(SERVICES, "services")
+        assert [args[1] for args in (call for call, _ in calls)] == [
+            "create", "list", "update", "stop", "get"]
+        for args, shown in calls:
+            out = await run_cli([here(arg) for arg in args], cwd=tmp_path)
+            for shown_port, free in ports.items():
+                out = out.replace(f"127.0.0.1:{free}", f"127.0.0.1:{shown_port}")
+            assert out.strip() == shown.strip(), args
+    finally:
+        await node.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 @pytest.mark.parametrize("path", ["README.md", "docs/protocol.md", "docs/client.md",
-                                  "docs/events.md", "docs/config.md"])
+                                  "docs/events.md", "docs/config.md", "docs/services.md"])
 def test_relative_links_point_at_files(path: str) -> None:
     text = (ROOT / path).read_text(encoding="utf-8")
     for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
