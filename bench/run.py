@@ -1,9 +1,9 @@
 """nkservice benchmark: request round trips, memory per session, event fan-out,
-subscription matching (against bare servers built on the same libraries), and what callbacks
-to external apps and Lua hooks cost.
+subscription matching (against bare servers built on the same libraries), what callbacks
+to external apps and Lua hooks cost, and services created at run time.
 
     .venv/bin/python bench/run.py [--quick]
-                                  [--only roundtrip|memory|fanout|matching|callbacks ...]
+                                  [--only roundtrip|memory|fanout|matching|callbacks|services ...]
                                   [--server NAME ...]
 
 Every server runs in its own process and the load generator in another, each pinned to its
@@ -32,6 +32,7 @@ import orjson
 import psutil
 import report
 import roundtrip
+import services
 from harness import RunContext
 from oslimits import cpu_plan, raise_nofile_limit
 from servers import (
@@ -43,7 +44,7 @@ from servers import (
     ServerSpec,
 )
 
-SECTIONS = ("roundtrip", "memory", "fanout", "matching", "callbacks")
+SECTIONS = ("roundtrip", "memory", "fanout", "matching", "callbacks", "services")
 FULL_TIMING = roundtrip.Timing(warmup=1.0, duration=4.0, rounds=5)
 QUICK_TIMING = roundtrip.Timing(warmup=0.5, duration=1.5, rounds=1)
 FULL_COUNTS = [1000, 10000]
@@ -58,6 +59,10 @@ FULL_MATCHING = matching.MatchingTiming(rounds=5, warmup=1.0, duration=3.0, wind
 QUICK_MATCHING = matching.MatchingTiming(rounds=1, warmup=0.5, duration=1.5, window=32)
 FULL_CALLBACKS = callbacks.CallbackTiming(warmup=1.0, duration=4.0, rounds=5)
 QUICK_CALLBACKS = callbacks.CallbackTiming(warmup=0.5, duration=1.5, rounds=1)
+FULL_SERVICES = services.ServicesTiming(churn_services=1000, window=100, churn_rounds=5,
+                                        node_services=1000, start_rounds=5, store_saves=250)
+QUICK_SERVICES = services.ServicesTiming(churn_services=200, window=100, churn_rounds=1,
+                                         node_services=1000, start_rounds=1, store_saves=50)
 _LOG_PROBLEM = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b|Exception")
 
 
@@ -201,6 +206,40 @@ def _callbacks_section(ctx: RunContext, *, quick: bool) -> list[callbacks.Callba
     return rows
 
 
+def _services_section(
+    ctx: RunContext, *, quick: bool
+) -> tuple[list[services.ChurnRow], list[services.NodeRow], list[services.StoreRow]]:
+    timing = QUICK_SERVICES if quick else FULL_SERVICES
+    churn_title = (
+        f"nkservice, one admin connection on tcp, each service one listener on port 0;"
+        f" median of {timing.churn_rounds} rounds"
+    )
+    print(f"## Services created and stopped over the API ({churn_title})\n", flush=True)
+    churn_rows, node_rows = services.run(ctx, timing)
+    print(services.churn_table(churn_rows), flush=True)
+    _print_failures(
+        [
+            (f"nkservice {r.operation} {r.window} on {r.place}", r.failure)
+            for r in churn_rows
+            if r.failure
+        ]
+    )
+    node_title = (
+        f"each one tcp listener; start: launch to `node started`, median of"
+        f" {timing.start_rounds} starts; VmRSS after {services.SETTLE_SECONDS:g} s of settling"
+    )
+    print(f"\n## A node with {timing.node_services:,} services ({node_title})\n")
+    print(services.node_table(node_rows), flush=True)
+    _print_failures([(f"nkservice node {r.how}", r.failure) for r in node_rows if r.failure])
+    print("\n`FileServiceStore.save` / `delete` alone, in the orchestrator process (not pinned),")
+    print("one at a time, with its fsyncs and with os.fsync made a no-op, the set-ups taking")
+    print("turns:\n")
+    store_rows = services.store_micro(timing.store_saves)
+    print(services.store_table(store_rows), flush=True)
+    print()
+    return churn_rows, node_rows, store_rows
+
+
 def main() -> int:
     args = _parse_args()
     nofile = raise_nofile_limit()  # inherited by the servers and the load generator
@@ -218,6 +257,9 @@ def main() -> int:
     match_rows: list[matching.MatchingRow] = []
     micro_rows: list[matching.MicroRow] = []
     callback_rows: list[callbacks.CallbackRow] = []
+    churn_rows: list[services.ChurnRow] = []
+    node_rows: list[services.NodeRow] = []
+    store_rows: list[services.StoreRow] = []
 
     if "roundtrip" in sections:
         timing = QUICK_TIMING if args.quick else FULL_TIMING
@@ -263,6 +305,10 @@ def main() -> int:
         callback_rows = _callbacks_section(ctx, quick=args.quick)
         failed |= any(r.failure for r in callback_rows)
 
+    if "services" in sections and NKSERVICE in chosen:
+        churn_rows, node_rows, store_rows = _services_section(ctx, quick=args.quick)
+        failed |= any(r.failure for r in (*churn_rows, *node_rows))
+
     # Every sample of every round, for a closer look than the medians in the tables.
     results = {
         "roundtrip": rows,
@@ -271,6 +317,9 @@ def main() -> int:
         "matching": match_rows,
         "match_micro": micro_rows,
         "callbacks": callback_rows,
+        "services_churn": churn_rows,
+        "services_node": node_rows,
+        "services_store": store_rows,
     }
     (ctx.log_dir / "results.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     problems = _log_problems(ctx.log_dir)

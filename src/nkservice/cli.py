@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import resource
 import signal
 import socket
 import ssl
@@ -278,6 +279,7 @@ def _serve(args: argparse.Namespace) -> int:
         config = load_config(args.config)
     except ConfigError as exc:
         raise _Failure(f"bad config: {exc}", 2) from None
+    _raise_open_files_limit()
     try:
         uvloop.run(_run_node(config))
     except ConfigError as exc:  # found while starting: ports, TLS files
@@ -287,6 +289,14 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise _Failure(f"cannot start: {_listen_failure(exc)}") from None
     return 0
+
+
+def _raise_open_files_limit() -> None:
+    """Every connection and listening socket is a file: take all the system allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.debug("open files limit raised from %d to %d", soft, hard)
 
 
 def _listen_failure(exc: OSError) -> str:

@@ -172,12 +172,16 @@ class ServiceListeners:
     async def _bind(self, port: Port, context: ssl.SSLContext | None,
                     definition: ServiceConfig) -> _Bound:
         tls = context if port.tls is not None else None
+        where = f"{definition.table}.listen"
         try:
             server = await self._listen(port, tls, port.port)
         except OSError as exc:
             why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-            raise ConfigError(f"{definition.table}.listen",
-                              f"cannot listen on {port.host}:{port.port}: {why}") from exc
+            raise ConfigError(where, f"cannot listen on {port.host}:{port.port}: {why}") from exc
+        if not server.sockets:  # uvloop, out of file descriptors, says nothing else
+            server.close()
+            raise ConfigError(where, f"cannot listen on {port.host}:{port.port}: no socket "
+                              "could be opened (too many open files?)")
         return _Bound(port, server, tls, int(server.sockets[0].getsockname()[1]))
 
     async def _listen(self, port: Port, tls: ssl.SSLContext | None, number: int

@@ -60,6 +60,8 @@ class Node:
         self.callbacks: CallbackRegistry = LocalCallbacks()
         self.store: ServiceStore = store or FileServiceStore(config.data_dir / "services")
         self._listeners: dict[str, ServiceListeners] = {}
+        self._ports: dict[tuple[str, int], str] = {}  # each held host and port: its service
+        self._held: dict[str, set[tuple[str, int]]] = {}  # each service's
         self._changing = asyncio.Lock()  # one create, update or stop at a time
 
     # -- Directory -------------------------------------------------------------------------
@@ -97,6 +99,8 @@ class Node:
                 await self._start(self._parse(name, _without_name(table), "api"))
             except ConfigError as error:
                 log.error("the service %s, created by API, did not start: %s", name, error)
+            except Exception:  # a plugin's own failure: it must not keep the others down
+                log.exception("the service %s, created by API, did not start", name)
 
     async def _start(self, definition: ServiceConfig) -> Service:
         """Start a service and its sockets; a failure leaves nothing of it behind."""
@@ -112,6 +116,7 @@ class Node:
             raise
         self.services[name] = service
         self._listeners[name] = listeners
+        self._hold_ports(name)
         for url in listeners.urls():
             log.info("service %s listening on %s", name, url)
         self._publish("start", name)
@@ -145,7 +150,7 @@ class Node:
                 raise ApiError(ErrorCode.service_already_exists, name)
             service = await self._start(self._parse(name, definition, "api"))
             try:
-                await self.store.save(name, {"name": name, **definition})
+                await self._keep(name, definition)
             except BaseException:
                 await self._remove(service, "the service could not be stored")
                 raise
@@ -167,12 +172,13 @@ class Node:
                 raise
             try:
                 if definition.origin == "api":
-                    await self.store.save(name, {"name": name, **table})
+                    await self._keep(name, table)
             except BaseException:
                 await listeners.undo(change)
                 chain.stop()
                 raise
             listeners.commit(change)
+            self._hold_ports(name)
             service.reconfigure(definition, chain)
             log.info("service %s updated (%s); listening on %s", name,
                      ", ".join(sorted(changes)) or "no keys", ", ".join(listeners.urls()))
@@ -183,7 +189,7 @@ class Node:
         async with self._changing:
             service = self._changeable(name)
             if service.config.origin == "api":
-                await self.store.delete(name)
+                await self._keep(name, None)
             await self._remove(service, "the service was stopped")
             log.info("service %s stopped", name)
             return self._answer(service.config, {})
@@ -209,6 +215,18 @@ class Node:
         return parse_service(name, table, self.config.base_dir, where=f"services.{name}.",
                              origin=origin)
 
+    async def _keep(self, name: str, table: dict[str, Any] | None) -> None:
+        """Store a definition (None: delete it); a failure of the disk is said in words."""
+        try:
+            if table is None:
+                await self.store.delete(name)
+            else:
+                await self.store.save(name, {"name": name, **table})
+        except OSError as exc:
+            log.error("service %s: the store failed: %s", name, exc)
+            raise ApiError(ErrorCode.internal_error, f"the service's definition could not be "
+                           f"stored: {exc.strerror or exc}") from exc
+
     def _changeable(self, name: str) -> Service:
         if name == "core":  # the admin's own way in comes from the config file only
             raise ApiError(ErrorCode.invalid_value, "name: the core service is the config "
@@ -222,18 +240,29 @@ class Node:
         """Free the sockets, close the sessions (telling them `reason`), drop the rest."""
         self._publish("stop", service.name)
         self._listeners.pop(service.name).close()
+        self._release_ports(service.name)
         del self.services[service.name]
         service.stop(reason)
 
     def _check_ports_free(self, definition: ServiceConfig) -> None:
-        """A numbered port of another service is refused by name (the OS would only say
-        "address in use")."""
+        """A port another service holds is refused by name (the OS would only say "address
+        in use"). One look-up per port: a node may run thousands of services."""
         for port in ports_of(definition):
-            for other, listeners in self._listeners.items():
-                if other != definition.name and (port.host, port.port) in listeners.addresses():
-                    raise ConfigError(f"{definition.table}.listen",
-                                      f"services {other} and {definition.name} both listen "
-                                      f"on {port.host}:{port.port}")
+            other = self._ports.get((port.host, port.port))
+            if port.port and other is not None and other != definition.name:
+                raise ConfigError(f"{definition.table}.listen",
+                                  f"services {other} and {definition.name} both listen "
+                                  f"on {port.host}:{port.port}")
+
+    def _hold_ports(self, name: str) -> None:
+        """Note the addresses a service's sockets hold now (after a start or an update)."""
+        self._release_ports(name)
+        held = self._held[name] = self._listeners[name].addresses()
+        self._ports.update(dict.fromkeys(held, name))
+
+    def _release_ports(self, name: str) -> None:
+        for address in self._held.pop(name, ()):
+            self._ports.pop(address, None)
 
     def _publish(self, what: str, name: str) -> None:
         """`core/service/start|stop|update` in the core service (§5.4)."""
