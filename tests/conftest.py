@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -17,6 +19,31 @@ from nkservice.service.config import parse_node_config
 from tests.wire import Peer
 
 TRANSPORTS = ["tcp", "tls", "ws", "wss"]
+
+
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+EPHEMERAL = _ephemeral_ports()
+
+
+def free_port() -> int:
+    """A port nobody listens on, for a server process to bind, below the ephemeral range:
+    the tests' own outgoing connections (and `bind(0)`) take ports from that range, and
+    one of them could take a port chosen there before the server binds it."""
+    while True:
+        port = random.randrange(10000 if EPHEMERAL.start > 11000 else 1024, EPHEMERAL.start)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 ALL_URLS = ["tcp://127.0.0.1:0", "ws://127.0.0.1:0/", "tls://127.0.0.1:0", "wss://127.0.0.1:0/"]
 
 

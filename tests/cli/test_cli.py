@@ -28,7 +28,7 @@ from nkservice.cli import main
 from nkservice.client import Client
 from nkservice.node import Node
 from nkservice.service.passwords import check_password
-from tests.conftest import url_of
+from tests.conftest import free_port, url_of
 from tests.wire import Peer
 
 NodeFactory = Callable[..., Awaitable[Node]]
@@ -41,13 +41,6 @@ RUN_CLI = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_
 # The same on a pseudo-terminal that becomes the child's controlling terminal, so that
 # typing ^C there sends SIGINT as a real terminal does.
 RUN_ON_TTY = ("import fcntl, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); " + RUN_CLI)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

@@ -25,13 +25,12 @@ from tests.cli.test_cli import (
     NodeFactory,
     Terminal,
     cli,
-    free_port,
     no_terminal,
     one_line,
     run_cli,
     terminal,
 )
-from tests.conftest import url_of
+from tests.conftest import free_port, url_of
 
 __all__ = ["no_terminal", "terminal"]  # fixtures, used by name
 

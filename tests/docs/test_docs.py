@@ -14,7 +14,6 @@ import asyncio
 import inspect
 import re
 import shlex
-import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,7 +26,7 @@ from nkservice.errors import ErrorCode
 from nkservice.node import Node
 from nkservice.protocol.names import SEED_NAMES, SUBCLASS_ALIASES
 from nkservice.service.config import parse_node_config
-from tests.conftest import url_of
+from tests.conftest import free_port, url_of
 
 NodeFactory = Callable[..., Awaitable[Node]]
 
@@ -210,13 +209,6 @@ async def test_the_services_session_prints_what_services_md_shows(tmp_path: Path
             assert out.strip() == shown.strip(), args
     finally:
         await node.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @pytest.mark.parametrize("path", ["README.md", "docs/protocol.md", "docs/client.md",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator
@@ -13,14 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
 from tests.wire import Peer
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class Server:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -13,16 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
 from tests.transport.rawws import BINARY, CONTINUATION, TEXT, Frame, RawClient
 
 HARNESS = Path(__file__).resolve().parents[2] / "bench" / "conformance"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture
