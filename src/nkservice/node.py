@@ -19,6 +19,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from nkservice.cluster.bus import NatsBus
+from nkservice.cluster.node import Cluster
+from nkservice.cluster.registry import ClusterRegistry
 from nkservice.errors import ApiError, ConfigError, ErrorCode
 from nkservice.events.bus import Bus, LocalBus
 from nkservice.events.fanout import Events
@@ -53,10 +56,14 @@ class Node:
     def __init__(self, config: NodeConfig, store: ServiceStore | None = None) -> None:
         self.config = config
         self.services: dict[str, Service] = {}
-        # The seams a cluster replaces; one process needs nothing more than these.
-        self.bus: Bus = LocalBus()
+        # The seams a cluster replaces; one process needs nothing more than the local ones.
+        self.cluster = Cluster(config.cluster) if config.cluster else None
+        self.bus: Bus = (NatsBus(self.cluster.link, self.cluster.process) if self.cluster
+                         else LocalBus())
         self.events = Events(self.bus)
-        self.registry: SessionRegistry = LocalSessionRegistry(self.events)
+        local = LocalSessionRegistry(self.events)
+        self.registry: SessionRegistry = (ClusterRegistry(local, self.cluster.rpc)
+                                          if self.cluster else local)
         self.callbacks: CallbackRegistry = LocalCallbacks()
         self.store: ServiceStore = store or FileServiceStore(config.data_dir / "services")
         self._listeners: dict[str, ServiceListeners] = {}
@@ -81,6 +88,8 @@ class Node:
                         "for local use only; set [admin] in the config file")
         for warning in config_warnings(self.config):
             log.warning("%s", warning)
+        if self.cluster is not None:
+            await self.cluster.start()
         try:
             for definition in (self.config.core, *self.config.services.values()):
                 await self._start(definition)
@@ -135,6 +144,8 @@ class Node:
             service.stop("server shutting down")
         await asyncio.sleep(SHUTDOWN_DRAIN)
         self._listeners.clear()
+        if self.cluster is not None:
+            await self.cluster.stop()
 
     # -- the `service` commands (§6) -------------------------------------------------------
 

@@ -68,7 +68,7 @@ permissions = { user = ["core.user.list"] }
     ({"services": {"demo": {"plugin": {"x": 1}}}}, "services.demo.plugin.x"),
     ({"services": {"demo": {"script": "a.lua", "script_code": "x = 1"}}},
      "services.demo.script_code: give script"),
-    ({"node": {"cluster": "nats://127.0.0.1:4222"}}, "node.cluster: clustering"),
+    ({"node": {"cluster": "http://127.0.0.1:4222"}}, "node.cluster: 'http"),
     ({"services": {"demo": {"tls": {"certfile": "missing.pem"}}}},
      "services.demo.tls.certfile: no such file: missing.pem"),
     ({"core": {"tls": {"certfile": "c.pem", "keyfile": "k.pem"}}}, "core.tls.certfile"),

@@ -122,19 +122,6 @@ def load_config(path: Path | None) -> NodeConfig:
     return parse_node_config(table, path.parent)
 
 
-# Keys that belong to features still to come: refused rather than silently ignored, since
-# a node that ignored `plugins` (say, an authorization plugin) would run wide open.
-NOT_YET = {
-    "cluster": "clustering is not available yet",
-}
-
-
-def _refuse_not_yet(table: dict[str, Any], where: str) -> None:
-    for key, why in NOT_YET.items():
-        if table.get(key):
-            raise ConfigError(f"{where}{key}", f"{why}; remove the key (or leave it empty)")
-
-
 def config_warnings(config: NodeConfig) -> list[str]:
     """What is accepted but probably not what the operator meant, to log at start."""
     warnings = []
@@ -155,7 +142,6 @@ def parse_node_config(table: dict[str, Any], base_dir: Path) -> NodeConfig:
     _known(table, "", {"node", "admin", "core", "services"})
     node = _table(table, "node")
     _known(node, "node.", {"data_dir", "workers", "cluster"})
-    _refuse_not_yet(node, "node.")
     admin = _table(table, "admin")
     _known(admin, "admin.", {"user", "password"})
     core = {"listen": list(DEFAULT_CORE_LISTEN), **_table(table, "core")}
@@ -176,7 +162,7 @@ def parse_node_config(table: dict[str, Any], base_dir: Path) -> NodeConfig:
         services=services,
         data_dir=data_dir if data_dir.is_absolute() else base_dir / data_dir,
         workers=_get(node, "node.workers", int, 1),
-        cluster=_get(node, "node.cluster", str, ""),
+        cluster=_cluster_url(_get(node, "node.cluster", str, "")),
         base_dir=base_dir,
     )
 
@@ -203,7 +189,6 @@ def parse_service(name: str, table: dict[str, Any], base_dir: Path, *, where: st
                   origin: str = "config") -> ServiceConfig:
     """A service definition from a TOML table or a `create_service` JSON object."""
     _known(table, where, _SERVICE_KEYS)
-    _refuse_not_yet(table, where)
     listen = _get(table, f"{where}listen", list, [])
     admin = table.get("admin")
     if admin is not None:
@@ -298,6 +283,16 @@ def public_definition(service: ServiceConfig) -> dict[str, Any]:
         "gelf": asdict(service.gelf),
         "permissions": {role: list(patterns) for role, patterns in service.permissions.items()},
     }
+
+
+def _cluster_url(value: str) -> str:
+    """`node.cluster`: NATS server URLs, comma-separated (any one will do to join)."""
+    for url in filter(None, (part.strip() for part in value.split(","))):
+        parts = urlsplit(url)
+        if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
+            raise ConfigError("node.cluster", f"{url!r} is not a NATS URL "
+                              "(nats://HOST:PORT)")
+    return value
 
 
 def parse_listen_url(url: str, key: str = "listen") -> ListenUrl:

@@ -216,10 +216,12 @@ class Claim:
 
 
 class SessionRegistry(Protocol):
-    async def claim(self, caller: Caller, user: str, session_id: str) -> Claim:
+    async def claim(self, caller: Caller, user: str, session_id: str, *,
+                    fresh: bool = False) -> Claim:
         """Register a session that logs in as `user` under `session_id` (§3.3): a live
         session of the same user is replaced, a parked one resumed (the claim carries what
-        they leave to it); another user's id raises `duplicated_session_id`."""
+        they leave to it); another user's id raises `duplicated_session_id`. `fresh`: the
+        id was just made up (a random UUID): nobody can hold it, no need to look."""
 
     def ended(self, caller: Caller) -> None:
         """A registered session closed: forget it, or park it for resuming."""

@@ -55,25 +55,37 @@ class LocalSessionRegistry:
 
     # -- logging in and out ----------------------------------------------------------------
 
-    async def claim(self, session: Caller, user: str, session_id: str) -> Claim:
-        book = self._book(session.service.name)
+    async def claim(self, session: Caller, user: str, session_id: str, *,
+                    fresh: bool = False) -> Claim:
+        service = session.service.name
+        claim = Claim() if fresh else self.release(service, session_id, user) or Claim()
+        book = self._book(service)
+        book.sessions[session_id] = session
+        book.users.setdefault(user, {})[session_id] = session
+        return claim
+
+    def release(self, service: str, session_id: str, user: str) -> Claim | None:
+        """Let go of `session_id` for a new login of `user` (§3.3): a live session of that
+        user is stopped and a parked one taken out, and what they leave is returned; None
+        when there is neither; `duplicated_session_id` when another user's session is
+        live (a parked one of another user is dropped)."""
+        book = self._book(service)
         holder = book.sessions.get(session_id)
         if holder is not None:
             if holder.user != user:
                 raise ApiError(ErrorCode.duplicated_session_id)
             inherited = list(holder.subscriptions.values())
             holder.stop("replaced by a new login with the same session id")
-            claim = Claim(inherited)
-        else:
-            unparked = self._unpark(book, session_id)
-            if unparked is not None and unparked[0].user == user:
-                parked, subscriptions = unparked
-                claim = Claim(subscriptions, list(parked.buffer), resumed=True)
-            else:
-                claim = Claim()
-        book.sessions[session_id] = session
-        book.users.setdefault(user, {})[session_id] = session
-        return claim
+            return Claim(inherited)
+        unparked = self._unpark(book, session_id)
+        if unparked is None or unparked[0].user != user:
+            return None
+        parked, subscriptions = unparked
+        return Claim(subscriptions, list(parked.buffer), resumed=True)
+
+    def holds(self, service: str, session_id: str) -> bool:
+        """Is this session live here?"""
+        return session_id in self._book(service).sessions
 
     def ended(self, session: Caller) -> None:
         """Forget it; park it when its service resumes sessions and its connection ended it

@@ -224,8 +224,9 @@ class Session:
             return
         service = self.service
         user = decision.user or attempt.user
-        session_id = decision.session_id or attempt.session_id or str(uuid.uuid4())
-        claim = await service.registry.claim(self, user, session_id)
+        chosen = decision.session_id or attempt.session_id
+        session_id = chosen or str(uuid.uuid4())
+        claim = await service.registry.claim(self, user, session_id, fresh=not chosen)
         self.user = user
         self.session_id = session_id
         if self.conn.closed:  # gone while the id was claimed: registered, so forget it

@@ -1,0 +1,161 @@
+"""One process's connection to NATS, for the hot paths of a cluster.
+
+nats-py's public API costs a coroutine per publish and, per subscription, a queue and a
+task: fine for a few subscriptions, too much for a bus that holds one subscription per
+distinct event key of the process (two per session: its automatic subscriptions) and
+publishes for every event. `NatsLink` keeps nats-py for what it does well — connecting,
+reconnecting, the protocol parser, JetStream — and adds:
+
+- `publish`: synchronous; the command goes to the client's pending buffer, and one flush
+  is asked per turn of the event loop (many publishes, one write);
+- `subscribe` / `unsubscribe`: synchronous; a subscription is a slot in the client's table
+  whose messages go straight to a plain callback, on the client's reading task, in order.
+  The client replays it after a reconnect like its own.
+
+This is the one module that uses nats-py's internals (`_subs`, `_pending`, `_process_msg`,
+`_flush_queue`), so `pyproject.toml` pins the versions it was written against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from nats.aio.client import Client
+from nats.protocol import command
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[bytes, bytes, bytes, bytes], None]
+"""A subscription's callback: (subject, reply subject, payload, headers)."""
+
+NO_RESPONDERS = b"NATS/1.0 503"  # the status NATS sends to a request nobody listens for
+
+
+class _Slot:
+    """What the client's subscription table needs of an entry to replay it after a
+    reconnect and to let go of it when closing, and our callback."""
+
+    __slots__ = ("_max_msgs", "_message_iterator", "_pending_next_msgs_calls", "_queue",
+                 "_received", "_subject", "_wait_for_msgs_task", "handler")
+
+    def __init__(self, subject: str, queue: str, handler: Handler) -> None:
+        self._subject = subject
+        self._queue = queue
+        self._max_msgs = 0
+        self._received = 0
+        self._wait_for_msgs_task = None
+        self._message_iterator = None
+        self._pending_next_msgs_calls: dict[Any, Any] = {}
+        self.handler = handler
+
+
+class _Client(Client):
+    """A nats-py client whose table may hold `_Slot`s: their messages skip its machinery."""
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+                           headers: bytes) -> None:
+        slot: Any = self._subs.get(sid)
+        if type(slot) is _Slot:
+            try:
+                slot.handler(subject, reply, data, headers or b"")
+            except Exception:  # one bad message must not stop the reading task
+                log.exception("handling a message on %s failed", subject)
+            return
+        await super()._process_msg(sid, subject, reply, data, headers)
+
+
+class NatsLink:
+    """Connects at `start`, reconnects forever; `connected` says whether NATS is there."""
+
+    def __init__(self, url: str, name: str, *,
+                 on_state: Callable[[bool], None] | None = None) -> None:
+        self.url = url
+        self.name = name
+        self.client = _Client()
+        self._on_state = on_state
+        self._flush_asked = False
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.dropped = 0  # publishes given up while NATS was away and the buffer full
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.client.is_connected)
+
+    async def start(self, *, connect_timeout: int = 5) -> None:
+        """Connect (a first connection is waited for: a node must not start without its
+        cluster); later losses are reconnected in the background."""
+        self._loop = asyncio.get_running_loop()
+        await self.client.connect(
+            self.url, name=self.name, connect_timeout=connect_timeout,
+            allow_reconnect=True, max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,  # type: ignore[arg-type]  # seconds: a float works
+            disconnected_cb=self._state(False), reconnected_cb=self._state(True),
+            error_cb=self._error, pending_size=64 * 1024 * 1024)
+
+    def _state(self, up: bool) -> Callable[[], Awaitable[None]]:
+        async def changed() -> None:
+            if self._closing:
+                return
+            log.log(logging.INFO if up else logging.WARNING, "NATS %s: %s",
+                    "connection back" if up else "connection lost", self.url)
+            if self._on_state is not None:
+                self._on_state(up)
+        return changed
+
+    async def _error(self, error: Exception) -> None:
+        log.debug("NATS: %s", error)
+
+    async def close(self) -> None:
+        self._closing = True
+        if not self.client.is_closed:
+            await self.client.close()
+
+    # -- the hot paths ---------------------------------------------------------------------
+
+    def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
+        client = self.client
+        cmd = command.pub_cmd(subject, reply, payload)
+        if (not client.is_connected
+                and client._pending_data_size + len(cmd) > client._max_pending_size):
+            self.dropped += 1  # NATS is away and its buffer full: the cluster is degraded
+            return
+        self._send(cmd)
+
+    def subscribe(self, subject: str, handler: Handler, queue: str = "") -> int:
+        client = self.client
+        client._sid += 1
+        sid: int = client._sid
+        client._subs[sid] = _Slot(subject, queue, handler)  # type: ignore[assignment]
+        self._send(command.sub_cmd(subject, queue, sid))
+        return sid
+
+    def unsubscribe(self, sid: int) -> None:
+        if self.client._subs.pop(sid, None) is not None:
+            self._send(command.unsub_cmd(sid, 0))
+
+    def _send(self, cmd: bytes) -> None:
+        client = self.client
+        client._pending.append(cmd)
+        client._pending_data_size += len(cmd)
+        self._ask_flush()
+
+    def _ask_flush(self) -> None:
+        if not self._flush_asked and self._loop is not None:
+            self._flush_asked = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Wake the client's flusher once for everything this turn of the loop queued."""
+        self._flush_asked = False
+        queue = self.client._flush_queue
+        if self.client.is_connected and queue is not None and queue.empty():
+            assert self._loop is not None
+            queue.put_nowait(self._loop.create_future())
+
+    def new_inbox(self) -> str:
+        return str(self.client.new_inbox())
+

@@ -1,0 +1,221 @@
+"""The session registry of a cluster: this process's sessions, and the others' through NATS.
+
+Each process keeps its own sessions in a `LocalSessionRegistry` and answers the others'
+questions about them (`cluster/rpc.py`); nothing is replicated, so a login costs no
+network round trip unless its session id was chosen by the client:
+
+- **Claiming a chosen id** (§3.3) asks every process: one that holds the id for the same
+  user stops that session (or takes it out of its resume park) and hands over its
+  subscriptions and missed events; one that holds it for another user refuses
+  (`duplicated_session_id`). A random id (UUID v4) is nobody's: no question.
+  Two processes claiming the same id at the same moment each see the other's claim; the
+  process with the smaller id wins, the other login gets `duplicated_session_id`.
+- **Finding, listing, stopping, forwarding a request** look here first, then ask the
+  others; a forwarded request's acks and answer come back the same way (§6 `session`/`cmd`).
+
+With NATS away, every question is answered from this process alone (the cluster is
+degraded: see `cluster/node.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from nkservice.cluster.rpc import Gone, Reply, Rpc
+from nkservice.errors import ApiError, ErrorCode
+from nkservice.events.index import Subscription, Topic
+from nkservice.protocol.messages import Response
+from nkservice.service.contracts import Caller, Claim, SessionInfo
+from nkservice.service.registry import LocalSessionRegistry
+
+log = logging.getLogger(__name__)
+
+FORWARD_LIMIT = 3600.0  # a forwarded request without its own timeout: the target's rules
+
+
+class ClusterRegistry:
+    """Implements `contracts.SessionRegistry` for one process of a cluster."""
+
+    def __init__(self, local: LocalSessionRegistry, rpc: Rpc, *,
+                 question_timeout: float = 1.0) -> None:
+        self.local = local
+        self.rpc = rpc
+        self.timeout = question_timeout
+        self._claiming: set[tuple[str, str]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        for operation, handler in (("take", self._serve_take), ("find", self._serve_find),
+                                   ("users", self._serve_users),
+                                   ("sessions_of", self._serve_sessions_of),
+                                   ("stop", self._serve_stop), ("where", self._serve_where),
+                                   ("request", self._serve_request)):
+            rpc.serve(operation, handler)
+
+    # -- logging in and out ----------------------------------------------------------------
+
+    async def claim(self, caller: Caller, user: str, session_id: str, *,
+                    fresh: bool = False) -> Claim:
+        service = caller.service.name
+        if fresh or self.local.holds(service, session_id):
+            return await self.local.claim(caller, user, session_id, fresh=fresh)
+        key = (service, session_id)
+        self._claiming.add(key)
+        try:
+            answers = await self.rpc.gather("take", {"s": service, "i": session_id, "u": user},
+                                            timeout=self.timeout)
+        finally:
+            self._claiming.discard(key)
+        inherited = Claim()
+        for answer in answers:
+            if not answer:
+                continue
+            if answer.get("taken") or answer.get("contested", "~") < self.rpc.process:
+                raise ApiError(ErrorCode.duplicated_session_id)
+            if "subs" in answer:
+                inherited = _claim_from_wire(answer)
+        here = await self.local.claim(caller, user, session_id)
+        return here if here.subscriptions or here.resumed else inherited
+
+    def ended(self, caller: Caller) -> None:
+        self.local.ended(caller)
+
+    def forget_service(self, service: str) -> None:
+        self.local.forget_service(service)
+
+    # -- reaching sessions -----------------------------------------------------------------
+
+    async def find(self, service: str, session_id: str) -> SessionInfo | None:
+        found = await self.local.find(service, session_id)
+        if found is not None:
+            return found
+        for answer in await self._ask_all("find", service, i=session_id):
+            if answer:
+                return SessionInfo(**answer)
+        return None
+
+    async def users(self, service: str) -> dict[str, list[str]]:
+        merged = await self.local.users(service)
+        for answer in await self._ask_all("users", service):
+            for user, ids in answer.items():
+                merged.setdefault(user, []).extend(ids)
+        return merged
+
+    async def sessions_of(self, service: str, user: str) -> dict[str, SessionInfo]:
+        merged = await self.local.sessions_of(service, user)
+        for answer in await self._ask_all("sessions_of", service, u=user):
+            merged.update({i: SessionInfo(**info) for i, info in answer.items()})
+        return merged
+
+    async def stop(self, service: str, session_id: str, reason: str) -> str:
+        if self.local.holds(service, session_id):
+            return await self.local.stop(service, session_id, reason)
+        for answer in await self._ask_all("stop", service, i=session_id, r=reason):
+            if answer:
+                return str(answer)
+        raise ApiError(ErrorCode.session_not_found)
+
+    async def request(self, service: str, session_id: str, class_: str, cmd: str, data: Any,
+                      *, subclass: str | None, on_ack: Callable[[], None],
+                      timeout: float | None) -> Response:
+        if self.local.holds(service, session_id):
+            return await self.local.request(service, session_id, class_, cmd, data,
+                                            subclass=subclass, on_ack=on_ack, timeout=timeout)
+        holders = [a for a in await self._ask_all("where", service, i=session_id) if a]
+        if not holders:
+            raise ApiError(ErrorCode.session_not_found)
+        try:
+            answer = await self.rpc.ask(
+                holders[0], "request",
+                {"s": service, "i": session_id, "c": class_, "m": cmd, "d": data,
+                 "sc": subclass, "t": timeout},
+                timeout=timeout or FORWARD_LIMIT, on_ack=on_ack)
+        except Gone:
+            raise ApiError(ErrorCode.session_not_found) from None
+        return Response(0, bool(answer["ok"]), answer["data"])
+
+    async def _ask_all(self, operation: str, service: str, **data: Any) -> list[Any]:
+        try:
+            return await self.rpc.gather(operation, {"s": service, **data},
+                                         timeout=self.timeout)
+        except Gone:  # NATS is away: what this process knows is all there is
+            return []
+
+    # -- answering the others --------------------------------------------------------------
+
+    def _serve_take(self, request: dict[str, Any], reply: Reply) -> None:
+        service, session_id = request["s"], request["i"]
+        if (service, session_id) in self._claiming:
+            reply.ok({"contested": self.rpc.process})
+            return
+        try:
+            claim = self.local.release(service, session_id, request["u"])
+        except ApiError:
+            reply.ok({"taken": True})
+            return
+        reply.ok(None if claim is None else _claim_to_wire(claim))
+
+    def _serve_find(self, request: dict[str, Any], reply: Reply) -> None:
+        self._answer(reply, self.local.find(request["s"], request["i"]),
+                     lambda info: None if info is None else _info_to_wire(info))
+
+    def _serve_users(self, request: dict[str, Any], reply: Reply) -> None:
+        self._answer(reply, self.local.users(request["s"]), lambda users: users)
+
+    def _serve_sessions_of(self, request: dict[str, Any], reply: Reply) -> None:
+        self._answer(reply, self.local.sessions_of(request["s"], request["u"]),
+                     lambda found: {i: _info_to_wire(info) for i, info in found.items()})
+
+    def _serve_stop(self, request: dict[str, Any], reply: Reply) -> None:
+        if not self.local.holds(request["s"], request["i"]):
+            reply.ok(None)
+            return
+        self._answer(reply, self.local.stop(request["s"], request["i"], request["r"]),
+                     lambda user: user)
+
+    def _serve_where(self, request: dict[str, Any], reply: Reply) -> None:
+        reply.ok(self.rpc.process if self.local.holds(request["s"], request["i"]) else None)
+
+    def _serve_request(self, request: dict[str, Any], reply: Reply) -> None:
+        work = self.local.request(request["s"], request["i"], request["c"], request["m"],
+                                  request["d"], subclass=request["sc"], on_ack=reply.ack,
+                                  timeout=request["t"])
+        self._answer(reply, work, lambda response: {"ok": response.ok,
+                                                    "data": response.data})
+
+    def _answer(self, reply: Reply, work: Any, wire: Callable[[Any], Any]) -> None:
+        """Answer with `wire(result of work)` once it is done (errors as errors)."""
+        async def run() -> None:
+            try:
+                reply.ok(wire(await work))
+            except ApiError as error:
+                reply.error(error)
+            except Exception:
+                log.exception("answering another process failed")
+                reply.error(ApiError(ErrorCode.internal_error))
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _info_to_wire(info: SessionInfo) -> dict[str, Any]:
+    return {"session_id": info.session_id, "user": info.user, **info.describe()}
+
+
+def _claim_to_wire(claim: Claim) -> dict[str, Any]:
+    return {"subs": [[*_topic_fields(s.topic), s.body] for s in claim.subscriptions],
+            "events": [event.decode() for event in claim.missed_events],
+            "resumed": claim.resumed}
+
+
+def _claim_from_wire(answer: dict[str, Any]) -> Claim:
+    subscriptions = [Subscription(Topic(*fields[:5]), fields[5], order)
+                     for order, fields in enumerate(answer["subs"])]
+    return Claim(subscriptions, [event.encode() for event in answer["events"]],
+                 resumed=bool(answer["resumed"]))
+
+
+def _topic_fields(topic: Topic) -> tuple[str, str, str, str, str]:
+    return topic.service, topic.class_, topic.subclass, topic.type, topic.obj_id
