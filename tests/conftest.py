@@ -14,6 +14,7 @@ import pytest
 import trustme
 import uvloop
 
+from nkservice.cluster.server import EmbeddedNats
 from nkservice.node import Node
 from nkservice.service.config import parse_node_config
 from tests.wire import Peer
@@ -86,32 +87,95 @@ def service(cert_files: dict[str, str], **overrides: Any) -> dict[str, Any]:
 
 NodeFactory = Callable[..., Awaitable[Node]]
 
+# The suites that run twice: on one process, and on two processes joined over NATS, the
+# clients of each test spread over both (PROTOCOL.md: a cluster behaves as one process).
+CLUSTER_SUITES = {"tests.e2e.test_protocol_e2e", "tests.e2e.test_events_e2e",
+                  "tests.e2e.test_sessions_e2e"}
+# Each node's processes, for `url_of` to take turns (one process: itself).
+PROCESSES: dict[Node, list[Node]] = {}
+_TURNS: dict[Node, int] = {}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "make_node" in metafunc.fixturenames and metafunc.module.__name__ in CLUSTER_SUITES:
+        metafunc.parametrize("topology", ["one", "cluster"], indirect=True)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that looks inside one process (its index, its registry) runs on one only."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if (item.get_closest_marker("one_process") and callspec is not None
+                and callspec.params.get("topology") == "cluster"):
+            item.add_marker(pytest.mark.skip(reason="looks inside one process"))
+
 
 @pytest.fixture
-async def make_node(cert_files: dict[str, str], tmp_path: Path) -> AsyncIterator[NodeFactory]:
-    """Start a node whose services are given as {name: overrides of `service()`}."""
+def topology(request: pytest.FixtureRequest) -> str:
+    value: str = getattr(request, "param", "one")
+    return value
+
+
+@pytest.fixture
+async def make_node(cert_files: dict[str, str], tmp_path: Path,
+                    topology: str) -> AsyncIterator[NodeFactory]:
+    """Start a node whose services are given as {name: overrides of `service()`}; in the
+    `cluster` topology, two processes joined over a NATS server of the test's own (the node
+    returned is the first; `url_of` takes turns between them)."""
     nodes: list[Node] = []
+    nats: EmbeddedNats | None = None
 
     async def start(**services: dict[str, Any]) -> Node:
-        config = parse_node_config({
-            "node": {"data_dir": str(tmp_path / "data")},
-            "admin": {"user": "admin", "password": "secret"},
-            "core": {"listen": ALL_URLS, "tls": {"certfile": cert_files["certfile"]},
-                     "ping_interval": 0},
-            "services": {name: service(cert_files, **over) for name, over in services.items()},
-        }, tmp_path)
-        node = Node(config)
-        await node.start()
-        nodes.append(node)
-        return node
+        nonlocal nats
+        cluster = ""
+        if topology == "cluster":
+            if nats is None:
+                nats = EmbeddedNats(tmp_path / "nats")
+                await nats.start()
+            cluster = nats.url
+        processes = []
+        for number in range(2 if cluster else 1):
+            config = parse_node_config({
+                "node": {"data_dir": str(tmp_path / f"data{number}"), "cluster": cluster},
+                "admin": {"user": "admin", "password": "secret"},
+                "core": {"listen": ALL_URLS, "tls": {"certfile": cert_files["certfile"]},
+                         "ping_interval": 0},
+                "services": {name: service(cert_files, **over)
+                             for name, over in services.items()},
+            }, tmp_path)
+            node = Node(config)
+            await node.start()
+            nodes.append(node)
+            processes.append(node)
+        if cluster:
+            await _joined(processes)
+        PROCESSES[processes[0]] = processes
+        return processes[0]
 
     yield start
     for node in nodes:
         await node.stop()
+        PROCESSES.pop(node, None)
+        _TURNS.pop(node, None)
+    if nats is not None:
+        await nats.stop()
+
+
+async def _joined(processes: list[Node]) -> None:
+    """Until each process knows the others (their first heartbeats)."""
+    async with asyncio.timeout(10):
+        for node in processes:
+            assert node.cluster is not None
+            await node.cluster.rpc.until_members(len(processes) - 1)
 
 
 def url_of(node: Node, service_name: str, transport: str) -> str:
-    return next(u for u in node.urls(service_name) if u.startswith(f"{transport}://"))
+    """The URL of a service: on a cluster, of each of its processes in turn."""
+    processes = PROCESSES.get(node, [node])
+    turn = _TURNS.get(node, 0)
+    _TURNS[node] = turn + 1
+    target = processes[turn % len(processes)]
+    return next(u for u in target.urls(service_name) if u.startswith(f"{transport}://"))
 
 
 PeerFactory = Callable[..., Awaitable[Peer]]

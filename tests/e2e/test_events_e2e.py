@@ -308,6 +308,7 @@ async def test_automatic_subscriptions_are_listed_and_removable(
     assert (await next_event(alice))["body"] == {"again": True}
 
 
+@pytest.mark.one_process
 async def test_subscriptions_vanish_with_their_session(
         make_node: NodeFactory, connect: PeerFactory, transport: str) -> None:
     node = await make_node(demo={})
@@ -517,6 +518,7 @@ async def test_a_session_resumes_with_what_it_missed(
         "core", "core", "media"]
 
 
+@pytest.mark.one_process
 async def test_no_resume_for_another_user_or_after_the_window(
         make_node: NodeFactory, connect: PeerFactory, transport: str) -> None:
     node = await make_node(demo={"resume_window": 30}, short={"resume_window": 0.05})
@@ -544,6 +546,7 @@ async def test_no_resume_for_another_user_or_after_the_window(
     assert len(node.events.index) == 2 * 4  # the live sessions' automatic ones, nothing else
 
 
+@pytest.mark.one_process
 async def test_resume_is_off_by_default(make_node: NodeFactory, connect: PeerFactory,
                                         transport: str) -> None:
     node = await make_node(demo={})
@@ -557,6 +560,7 @@ async def test_resume_is_off_by_default(make_node: NodeFactory, connect: PeerFac
     assert "resumed" not in await again.login("alice", "pw1", session_id="phone")
 
 
+@pytest.mark.one_process
 async def test_a_session_stopped_by_an_admin_does_not_resume(
         make_node: NodeFactory, connect: PeerFactory, transport: str) -> None:
     node = await make_node(demo={"resume_window": 30})

@@ -15,6 +15,7 @@ and events from one sender to one receiver stay in order (§5.2).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -47,9 +48,10 @@ class NatsBus:
             (self._origin, self._sequence, topic.service, topic.class_, topic.subclass,
              topic.type, topic.obj_id, body)))
 
-    def add_interest(self, topic: Topic) -> None:
+    def add_interest(self, topic: Topic) -> Awaitable[None] | None:
         if topic not in self._interest:
             self._interest[topic] = self._link.subscribe(interest_subject(topic), self._received)
+        return self._link.confirm()
 
     def remove_interest(self, topic: Topic) -> None:
         sid = self._interest.pop(topic, None)

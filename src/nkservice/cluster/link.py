@@ -77,6 +77,8 @@ class NatsLink:
         self.client = _Client()
         self._on_state = on_state
         self._flush_asked = False
+        self._confirming: asyncio.Future[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.dropped = 0  # publishes given up while NATS was away and the buffer full
@@ -155,6 +157,34 @@ class NatsLink:
         if self.client.is_connected and queue is not None and queue.empty():
             assert self._loop is not None
             queue.put_nowait(self._loop.create_future())
+
+    def confirm(self) -> asyncio.Future[None] | None:
+        """A future done once NATS has taken everything sent so far (its answer to a PING
+        written after it): a subscription is active for every publisher from then on. None
+        when NATS is away: there is nobody to wait for."""
+        if not self.connected or self._loop is None:
+            return None
+        if self._confirming is None:
+            self._confirming = self._loop.create_future()
+            task = self._loop.create_task(self._confirm(self._confirming))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return self._confirming
+
+    async def _confirm(self, done: asyncio.Future[None]) -> None:
+        self._confirming = None  # what is sent from now on needs a PING of its own
+        client = self.client
+        try:
+            if client._pending_data_size and client._transport is not None:
+                client._transport.writelines(client._pending)  # before the PING, in order
+                client._pending = []
+                client._pending_data_size = 0
+            await client.flush(timeout=5)
+        except Exception as error:  # NATS went away meanwhile: degraded, nothing to wait for
+            log.debug("NATS: no answer to a PING: %s", error)
+        finally:
+            if not done.done():
+                done.set_result(None)
 
     def new_inbox(self) -> str:
         return str(self.client.new_inbox())

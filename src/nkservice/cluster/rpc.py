@@ -85,6 +85,7 @@ class Rpc:
         self._calls: dict[str, _Call] = {}
         self._numbers = itertools.count(1)
         self._members: dict[str, float] = {}  # other process → when last heard of
+        self._joined = asyncio.Event()  # set when a process joins
         self._beating: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -124,10 +125,18 @@ class Rpc:
         process = data.decode()
         if process == self.process:
             return
-        if process not in self._members:
+        known = process in self._members
+        self._members[process] = time.monotonic()
+        if not known:
             log.info("process %s joined", process)
             self._beat()  # let the newcomer know of us now, not in a second
-        self._members[process] = time.monotonic()
+            self._joined.set()
+
+    async def until_members(self, count: int) -> None:
+        """Until `count` other processes are known (a test, a start that waits for others)."""
+        while len(self.members()) < count:
+            self._joined.clear()
+            await self._joined.wait()
 
     # -- serving -----------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ event goes straight to the one local index.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from nkservice.events.index import Topic
@@ -25,8 +25,10 @@ class Bus(Protocol):
     def publish(self, topic: Topic, body: Any) -> None:
         """Send an event to every process interested in it, this one included."""
 
-    def add_interest(self, topic: Topic) -> None:
-        """This process now holds a subscription with this key (the first one)."""
+    def add_interest(self, topic: Topic) -> Awaitable[None] | None:
+        """This process now holds a subscription with this key (the first one). When the
+        other processes learn of it later, an awaitable that is done once they have: the
+        subscription is active from then on (§5.2)."""
 
     def remove_interest(self, topic: Topic) -> None:
         """This process no longer holds any subscription with this key."""
@@ -48,7 +50,7 @@ class LocalBus:
         self._deliver(topic, body)
 
     def add_interest(self, topic: Topic) -> None:
-        pass
+        return None
 
     def remove_interest(self, topic: Topic) -> None:
         pass

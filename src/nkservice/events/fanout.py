@@ -17,7 +17,7 @@ session, one parked for resuming, a test double. This package knows nothing of s
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Awaitable, Hashable
 from typing import Any, Protocol
 
 import orjson
@@ -77,11 +77,13 @@ class Events:
         self.bus = bus
         bus.on_event(self.deliver)
 
-    def subscribe(self, subscriber: Subscriber, topic: Topic, body: Any = None) -> None:
+    def subscribe(self, subscriber: Subscriber, topic: Topic, body: Any = None
+                  ) -> Awaitable[None] | None:
+        """Subscribe; what the bus returns when the subscription becomes active only once
+        the other processes know of it (await it before saying it is)."""
         first = not self.index.holds(topic)
         subscriber.subscriptions[topic] = self.index.add(subscriber, topic, body)
-        if first:
-            self.bus.add_interest(topic)
+        return self.bus.add_interest(topic) if first else None
 
     def unsubscribe(self, subscriber: Subscriber, topic: Topic) -> bool:
         subscriber.subscriptions.pop(topic, None)

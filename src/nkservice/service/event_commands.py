@@ -50,8 +50,7 @@ def subscribe(caller: Caller, request: Request) -> Any:
     body = request.fields.get("body")
     decided = service.logic.subscribe(caller, topic)  # plugins, Lua, callbacks may refuse
     if decided is None:
-        service.events.subscribe(caller, topic, body)
-        return None
+        return service.events.subscribe(caller, topic, body)  # None, or active once done
     return _subscribe_when_allowed(caller, topic, body, decided)
 
 
@@ -61,7 +60,9 @@ async def _subscribe_when_allowed(caller: Caller, topic: Topic, body: Any,
     if caller.conn.closed:  # it ended while the subscription was decided: nothing to add
         return
     _check_room(caller, topic)  # others may have come while it was decided
-    caller.service.events.subscribe(caller, topic, body)
+    active = caller.service.events.subscribe(caller, topic, body)
+    if active is not None:
+        await active
 
 
 def _check_room(caller: Caller, topic: Topic) -> None:

@@ -237,10 +237,15 @@ class Session:
         self.login_time = int(time.time() * 1000)
         self.seed_form = request.subclass is None
         events = service.events
-        for topic in automatic_topics(service.name, user, session_id):
-            events.subscribe(self, topic)
-        for subscription in claim.subscriptions:
-            events.subscribe(self, subscription.topic, subscription.body)
+        activating = [events.subscribe(self, topic)
+                      for topic in automatic_topics(service.name, user, session_id)]
+        activating += [events.subscribe(self, subscription.topic, subscription.body)
+                       for subscription in claim.subscriptions]
+        for active in activating:  # in a cluster: the others know of them before the answer
+            if active is not None:
+                await active
+        if self.conn.closed:
+            return
         self.conn.logged_in()
         answer = {**decision.data, "session_id": session_id, "user": user}
         if claim.resumed:
