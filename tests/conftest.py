@@ -90,7 +90,7 @@ NodeFactory = Callable[..., Awaitable[Node]]
 # The suites that run twice: on one process, and on two processes joined over NATS, the
 # clients of each test spread over both (PROTOCOL.md: a cluster behaves as one process).
 CLUSTER_SUITES = {"tests.e2e.test_protocol_e2e", "tests.e2e.test_events_e2e",
-                  "tests.e2e.test_sessions_e2e"}
+                  "tests.e2e.test_sessions_e2e", "tests.e2e.test_callbacks_e2e"}
 # Each node's processes, for `url_of` to take turns (one process: itself).
 PROCESSES: dict[Node, list[Node]] = {}
 _TURNS: dict[Node, int] = {}
@@ -102,12 +102,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test that looks inside one process (its index, its registry) runs on one only."""
+    """A test that relies on what only one process promises (its insides, one turn counter
+    for the apps, a registration gone at once everywhere) runs on one only."""
     for item in items:
         callspec = getattr(item, "callspec", None)
         if (item.get_closest_marker("one_process") and callspec is not None
                 and callspec.params.get("topology") == "cluster"):
-            item.add_marker(pytest.mark.skip(reason="looks inside one process"))
+            item.add_marker(pytest.mark.skip(reason="relies on one process"))
 
 
 @pytest.fixture

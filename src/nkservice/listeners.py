@@ -93,10 +93,13 @@ class ServiceListeners:
     """The listening sockets of one service. `limits` is read for each new connection, so
     a change of `max_message_size` or `login_timeout` needs no new socket."""
 
-    def __init__(self, service: str, accept: Accept, limits: Callable[[], Limits]) -> None:
+    def __init__(self, service: str, accept: Accept, limits: Callable[[], Limits], *,
+                 shared: bool = False) -> None:
+        """`shared`: the node's other workers listen on the same ports (SO_REUSEPORT)."""
         self.service = service
         self._accept = accept
         self._limits = limits
+        self._shared = shared
         self._bound: dict[Address, _Bound] = {}
 
     def urls(self) -> list[str]:
@@ -189,7 +192,7 @@ class ServiceListeners:
         return await listen(self._accept, port.host, number,
                             lines=any(not url.is_websocket for url in port.urls),
                             websocket_paths={url.path for url in port.urls if url.is_websocket},
-                            tls=tls, limits=self._limits)
+                            tls=tls, limits=self._limits, shared=self._shared)
 
     def close(self) -> None:
         """Stop accepting (the connections already accepted are the service's to close)."""

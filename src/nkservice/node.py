@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nkservice.cluster.bus import NatsBus
+from nkservice.cluster.callbacks import ClusterCallbacks
 from nkservice.cluster.node import Cluster
 from nkservice.cluster.registry import ClusterRegistry
 from nkservice.errors import ApiError, ConfigError, ErrorCode
@@ -53,8 +54,11 @@ UNTIL_RESTART = ("a service of the config file: this lasts until the node restar
 
 
 class Node:
-    def __init__(self, config: NodeConfig, store: ServiceStore | None = None) -> None:
+    def __init__(self, config: NodeConfig, store: ServiceStore | None = None, *,
+                 worker: bool = False) -> None:
+        """`worker`: one of the node's worker processes, which share its listening ports."""
         self.config = config
+        self.worker = worker
         self.services: dict[str, Service] = {}
         # The seams a cluster replaces; one process needs nothing more than the local ones.
         self.cluster = Cluster(config.cluster) if config.cluster else None
@@ -64,7 +68,9 @@ class Node:
         local = LocalSessionRegistry(self.events)
         self.registry: SessionRegistry = (ClusterRegistry(local, self.cluster.rpc)
                                           if self.cluster else local)
-        self.callbacks: CallbackRegistry = LocalCallbacks()
+        self.cluster_callbacks = (ClusterCallbacks(LocalCallbacks(), self.cluster.link,
+                                                   self.cluster.rpc) if self.cluster else None)
+        self.callbacks: CallbackRegistry = self.cluster_callbacks or LocalCallbacks()
         self.store: ServiceStore = store or FileServiceStore(config.data_dir / "services")
         self._listeners: dict[str, ServiceListeners] = {}
         self._ports: dict[tuple[str, int], str] = {}  # each held host and port: its service
@@ -80,6 +86,9 @@ class Node:
     def find_service(self, name: str) -> Service | None:
         return self.services.get(name)
 
+    def cluster_state(self) -> dict[str, Any] | None:
+        return self.cluster.state if self.cluster is not None else None
+
     # -- life ------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -90,6 +99,8 @@ class Node:
             log.warning("%s", warning)
         if self.cluster is not None:
             await self.cluster.start()
+            assert self.cluster_callbacks is not None
+            self.cluster_callbacks.start()
         try:
             for definition in (self.config.core, *self.config.services.values()):
                 await self._start(definition)
@@ -116,7 +127,8 @@ class Node:
         name = definition.name
         self._check_ports_free(definition)
         service = Service(definition, self, await _logic(definition))
-        listeners = ServiceListeners(name, service.accept, lambda: service.config.limits)
+        listeners = ServiceListeners(name, service.accept, lambda: service.config.limits,
+                                     shared=self.worker)
         await service.start()
         try:
             listeners.commit(await listeners.change(definition))

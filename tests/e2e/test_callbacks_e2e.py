@@ -133,6 +133,7 @@ async def test_three_apps_share_the_callbacks_evenly(
     assert all(abs(count - 100) <= 1 for count in served.values()), served
 
 
+@pytest.mark.one_process  # "nobody left" at once: elsewhere, a moment later
 async def test_a_killed_app_hands_over_then_the_fallbacks_apply(
         make_node: NodeFactory, connect: PeerFactory, transport: str) -> None:
     node = await make_node(demo={})
@@ -176,6 +177,7 @@ async def test_an_app_registered_for_nothing_else_changes_nothing(
     assert (await backend.request("core", "ping"))["result"] == "ok"
 
 
+@pytest.mark.one_process  # four apps take exactly one request each: one turn counter
 @pytest.mark.parametrize("transport", ["tcp"])  # one test drives all four at once
 async def test_an_app_that_acks_and_answers_ten_seconds_later(
         make_node: NodeFactory, connect: PeerFactory, transport: str) -> None:

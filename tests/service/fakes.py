@@ -59,6 +59,9 @@ class FakeNode:
     def find_service(self, name: str) -> ServiceContext | None:
         return self.services.get(name)
 
+    def cluster_state(self) -> dict[str, Any] | None:
+        return None
+
     # Services changed at run time are the real node's (tests/e2e/test_services_e2e.py).
 
     async def create_service(self, name: str, definition: dict[str, Any]) -> dict[str, Any]:

@@ -86,6 +86,7 @@ class Rpc:
         self._numbers = itertools.count(1)
         self._members: dict[str, float] = {}  # other process → when last heard of
         self._joined = asyncio.Event()  # set when a process joins
+        self._watchers: list[Callable[[str, bool], None]] = []
         self._beating: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -116,10 +117,28 @@ class Rpc:
     def _beat(self) -> None:
         self.link.publish(HEARTBEATS, self.process.encode())
 
+    def watch_members(self, changed: Callable[[str, bool], None]) -> None:
+        """Call `changed(process, joined)` when a process joins (True) or is gone (False)."""
+        self._watchers.append(changed)
+
+    def _tell(self, process: str, joined: bool) -> None:
+        for changed in self._watchers:
+            try:
+                changed(process, joined)
+            except Exception:
+                log.exception("a membership watcher failed")
+
     async def _beat_forever(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT)
             self._beat()
+            now = time.monotonic()
+            for process in [p for p, seen in self._members.items()
+                            if now - seen >= HEARTBEAT * 3]:
+                del self._members[process]
+                log.warning("process %s is gone (not heard of for %.0f s)", process,
+                            HEARTBEAT * 3)
+                self._tell(process, False)
 
     def _heard(self, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         process = data.decode()
@@ -131,6 +150,7 @@ class Rpc:
             log.info("process %s joined", process)
             self._beat()  # let the newcomer know of us now, not in a second
             self._joined.set()
+            self._tell(process, True)
 
     async def until_members(self, count: int) -> None:
         """Until `count` other processes are known (a test, a start that waits for others)."""
@@ -145,9 +165,13 @@ class Rpc:
 
     def _served(self, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         request = orjson.loads(data)
-        if request.get("from") == self.process:  # our own broadcast
-            return
-        handler = self._handlers.get(request.get("op"))
+        if request.get("from") == self.process and subject == ALL.encode():
+            return  # our own broadcast
+        self.handle(request, reply, self._handlers.get(request.get("op")))
+
+    def handle(self, request: dict[str, Any], reply: bytes, handler: Handler | None) -> None:
+        """Run `handler` for a request that came with `reply` (a subscription of one's own
+        may serve requests too: see `cluster/callbacks.py`)."""
         answer = Reply(self.link, reply.decode())
         if handler is None:
             answer.error(ApiError(ErrorCode.not_implemented, str(request.get("op"))))
@@ -163,11 +187,14 @@ class Rpc:
     # -- asking ------------------------------------------------------------------------------
 
     async def ask(self, process: str, operation: str, data: dict[str, Any], *,
-                  timeout: float, on_ack: Callable[[], None] | None = None) -> Any:
+                  timeout: float, on_ack: Callable[[], None] | None = None,
+                  subject: str | None = None) -> Any:
         """The answer of `process` (an `ApiError` it answered is raised here); `Gone` when
         the process is not there; `ApiError(timeout)` after `timeout` (each ack restarts
-        nothing: the caller's own deadline rules)."""
-        answers = await self._call(f"nks.p.{process}", operation, data, 1, timeout, on_ack)
+        nothing: the caller's own deadline rules). `subject`: ask whoever listens there
+        instead (a queue group: one of them)."""
+        answers = await self._call(subject or f"nks.p.{process}", operation, data, 1,
+                                   timeout, on_ack)
         if not answers:
             raise ApiError(ErrorCode.timeout)
         return _result(answers[0])

@@ -31,8 +31,8 @@ def key_of(caller: Caller, fields: dict[str, Any]) -> CallbackKey:
 
 
 def register(caller: Caller, request: Request) -> Any:
-    caller.service.directory.callbacks.register(key_of(caller, request.fields), caller)
-    return None
+    """`{}`, once every process knows of it (None or an awaitable)."""
+    return caller.service.directory.callbacks.register(key_of(caller, request.fields), caller)
 
 
 def unregister(caller: Caller, request: Request) -> Any:

@@ -51,6 +51,7 @@ class LocalCallbacks:
         apps = self._apps.setdefault(key, [])
         if app not in apps:
             apps.append(app)
+        return None
 
     def unregister(self, key: CallbackKey, app: Caller) -> None:
         apps = self._apps.get(key)
@@ -61,7 +62,7 @@ class LocalCallbacks:
                 self._turn.pop(key, None)
 
     def drop(self, app: Caller) -> None:
-        for key in [key for key, apps in self._apps.items() if app in apps]:
+        for key in self.keys_of(app):
             self.unregister(key, app)
 
     def forget_service(self, service: str) -> None:
@@ -71,6 +72,16 @@ class LocalCallbacks:
 
     def registered(self, key: CallbackKey) -> bool:
         return key in self._apps
+
+    def apps(self, key: CallbackKey) -> list[Caller]:
+        """The apps registered for `key`, in their order."""
+        return self._apps.get(key, [])
+
+    def keys(self) -> list[CallbackKey]:
+        return list(self._apps)
+
+    def keys_of(self, app: Caller) -> list[CallbackKey]:
+        return [key for key, apps in self._apps.items() if app in apps]
 
     async def listing(self, service: str | None) -> list[dict[str, Any]]:
         return [{"callback": key.kind, "class": key.class_, "service": key.service,

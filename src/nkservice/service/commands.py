@@ -25,6 +25,11 @@ _LOG_LEVELS = {1: logging.CRITICAL, 2: logging.CRITICAL, 3: logging.ERROR, 4: lo
 
 
 def ping(caller: Caller, request: Request) -> Any:
+    """`{}`; admins of a cluster also see this process and whether its NATS is there."""
+    if caller.role is Role.admin:
+        state = caller.service.directory.cluster_state()
+        if state is not None:
+            return {"cluster": state}
     return None
 
 

@@ -169,6 +169,9 @@ class Directory(Protocol):
 
     def find_service(self, name: str) -> ServiceContext | None: ...
 
+    def cluster_state(self) -> dict[str, Any] | None:
+        """This process in its cluster (None: a node of one process), for admins' pings."""
+
     # The `service` commands of §6: the node's services, changed while it runs. A
     # definition is a §11 table; what cannot be used raises `ConfigError` naming the key.
 
@@ -297,7 +300,9 @@ class CallbackKey(NamedTuple):
 
 
 class CallbackRegistry(Protocol):
-    def register(self, key: CallbackKey, app: Caller) -> None: ...
+    def register(self, key: CallbackKey, app: Caller) -> Awaitable[None] | None:
+        """Register `app`; an awaitable when the registration reaches the other processes
+        of a cluster later: it is done once they have it."""
 
     def unregister(self, key: CallbackKey, app: Caller) -> None: ...
 

@@ -100,10 +100,11 @@ def _replay(protocol: asyncio.BaseProtocol, data: bytes) -> None:
 
 async def listen(accept: Accept, host: str, port: int, *, lines: bool, websocket_paths:
                  Collection[str], tls: ssl.SSLContext | None, limits: Callable[[], Limits],
-                 ) -> asyncio.Server:
+                 shared: bool = False) -> asyncio.Server:
     """Listen on host:port for newline JSON (`lines`), WebSocket (`websocket_paths`), or both.
     `limits()` is read for each new connection: the service's settings may change while
-    the socket stays."""
+    the socket stays. `shared`: other processes (a node's workers) listen on the same port
+    (SO_REUSEPORT: the kernel spreads the connections over them)."""
     secure = tls is not None
     lines_scheme, websocket_scheme = ("tls", "wss") if secure else ("tcp", "ws")
 
@@ -121,4 +122,5 @@ async def listen(accept: Accept, host: str, port: int, *, lines: bool, websocket
     else:
         factory = make_lines
     loop = asyncio.get_running_loop()
-    return await loop.create_server(factory, host, port, ssl=tls, backlog=4096)
+    return await loop.create_server(factory, host, port, ssl=tls, backlog=4096,
+                                    reuse_port=shared or None)
