@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import getpass
 import json
@@ -33,12 +34,13 @@ from urllib.parse import urlsplit
 import uvloop
 
 from nkservice import __version__
-from nkservice.errors import ApiError, ConfigError
+from nkservice.errors import ApiError, ConfigError, ServerError
 from nkservice.node import Node
 from nkservice.protocol.names import canonical
 from nkservice.service.config import NodeConfig, load_config
 from nkservice.service.passwords import hash_password
 from nkservice.transport.websocket import PICOWS_LOGGER
+from nkservice.workers import StartFailure, Supervisor, check_workers, ready_signal
 
 if TYPE_CHECKING:
     from nkservice.client import Client
@@ -126,6 +128,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="node config (TOML); without it, the embedded default")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--workers", type=_workers_count, metavar="N",
+                       help="run N worker processes sharing the node's ports (default: the "
+                            "config's node.workers, else 1)")
+    # How the supervisor of a node with workers starts each of them (src/nkservice/workers.py).
+    serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--cluster", help=argparse.SUPPRESS)
+    serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     call = commands.add_parser(
         "call", help="send one request and print the answer as JSON",
@@ -257,6 +266,16 @@ def _add_login_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--password", help="the user's password (asked for on a terminal)")
 
 
+def _workers_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of workers: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -271,24 +290,49 @@ def _seconds(text: str) -> float:
 
 def _serve(args: argparse.Namespace) -> int:
     level: str = args.log_level
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: "
-                                                    "%(message)s")
+    worker: int | None = args.worker
+    who = "" if worker is None else f"[worker {worker} pid {os.getpid()}] "
+    logging.basicConfig(level=level.upper(), format=f"%(asctime)s %(levelname)s {who}"
+                                                    "%(name)s: %(message)s")
     if level != "debug":  # picows says INFO at every connect and disconnect: noise at scale
         logging.getLogger(PICOWS_LOGGER).setLevel(logging.WARNING)
     try:
         config = load_config(args.config)
+        workers = 1 if worker is not None else args.workers or config.workers
+        check_workers(config, workers)
     except ConfigError as exc:
         raise _Failure(f"bad config: {exc}", 2) from None
+    if worker is not None:
+        if not args.cluster:
+            raise _Failure("--worker needs --cluster URL", 2)
+        config = dataclasses.replace(config, cluster=args.cluster)
+    elif workers > 1:
+        return _supervise(config, workers, args)
     _raise_open_files_limit()
     try:
-        uvloop.run(_run_node(config))
+        uvloop.run(_run_node(config, worker, ready_signal(args.ready_fd)))
     except ConfigError as exc:  # found while starting: ports, TLS files
         if isinstance(exc.__cause__, OSError) and exc.key.endswith(".listen"):
             raise _Failure(f"cannot start: {_listen_failure(exc.__cause__)}") from None
         raise _Failure(f"bad config: {exc}", 2) from None
     except OSError as exc:
         raise _Failure(f"cannot start: {_listen_failure(exc)}") from None
+    except ServerError as exc:  # the cluster: NATS cannot be reached, ...
+        first_line = str(exc).partition("\n")[0]
+        raise _Failure(f"cannot start: {first_line}") from None
     return 0
+
+
+def _supervise(config: NodeConfig, workers: int, args: argparse.Namespace) -> int:
+    """A node of several workers: this process supervises them (see nkservice.workers)."""
+    supervisor = Supervisor(config, workers=workers, config_file=args.config,
+                            log_level=args.log_level)
+    try:
+        return uvloop.run(supervisor.run())
+    except StartFailure as failure:
+        if failure.said:  # the worker said why, in its one line
+            return failure.status
+        raise _Failure(f"cannot start: {failure.message}", failure.status) from None
 
 
 def _raise_open_files_limit() -> None:
@@ -314,14 +358,23 @@ def _listen_failure(exc: OSError) -> str:
     return str(exc)
 
 
-async def _run_node(config: NodeConfig) -> None:
-    node = Node(config)  # it logs the config's warnings (workers, empty listen, …)
+async def _run_node(config: NodeConfig, worker: int | None = None,
+                    ready: Callable[[], None] | None = None) -> None:
+    """Run the node (or, with `worker`, one worker of it) until SIGINT or SIGTERM; `ready`
+    is called once it serves."""
+    node = Node(config, worker=worker is not None)  # it logs the config's warnings
     await node.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
-    log.info("node started; Ctrl-C or SIGTERM stops it")
+    if worker is None:
+        log.info("node started; Ctrl-C or SIGTERM stops it")
+    else:
+        process = node.cluster.process if node.cluster is not None else "-"
+        log.info("worker %d started: cluster process %s", worker, process)
+    if ready is not None:
+        ready()
     await stopping.wait()
     log.info("stopping: closing listeners and sessions")
     await node.stop()

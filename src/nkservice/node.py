@@ -21,6 +21,7 @@ from typing import Any
 
 from nkservice.cluster.bus import NatsBus
 from nkservice.cluster.callbacks import ClusterCallbacks
+from nkservice.cluster.kv_store import KvServiceStore
 from nkservice.cluster.node import Cluster
 from nkservice.cluster.registry import ClusterRegistry
 from nkservice.errors import ApiError, ConfigError, ErrorCode
@@ -72,6 +73,9 @@ class Node:
                                                    self.cluster.rpc) if self.cluster else None)
         self.callbacks: CallbackRegistry = self.cluster_callbacks or LocalCallbacks()
         self.store: ServiceStore = store or FileServiceStore(config.data_dir / "services")
+        self._own_store = store is None
+        self._watching: asyncio.Task[None] | None = None
+        self._applying: set[asyncio.Task[None]] = set()
         self._listeners: dict[str, ServiceListeners] = {}
         self._ports: dict[tuple[str, int], str] = {}  # each held host and port: its service
         self._held: dict[str, set[tuple[str, int]]] = {}  # each service's
@@ -97,14 +101,21 @@ class Node:
                         "for local use only; set [admin] in the config file")
         for warning in config_warnings(self.config):
             log.warning("%s", warning)
+        shared: KvServiceStore | None = None
         if self.cluster is not None:
             await self.cluster.start()
             assert self.cluster_callbacks is not None
             self.cluster_callbacks.start()
+            if self._own_store:  # the cluster's services are where every process sees them
+                self.store = shared = KvServiceStore(self.cluster.link.client)
         try:
             for definition in (self.config.core, *self.config.services.values()):
                 await self._start(definition)
-            await self._start_stored()
+            if shared is not None:  # from before the load: no change falls in between
+                self._watching = asyncio.get_running_loop().create_task(
+                    shared.watch(self._stored_elsewhere))
+            async with self._changing:  # what the watch brings waits for the load
+                await self._start_stored()
         except BaseException:
             await self.stop()
             raise
@@ -150,6 +161,8 @@ class Node:
 
     async def stop(self) -> None:
         """Stop accepting, close every connection (telling it why), let the closes flush."""
+        if self._watching is not None:
+            self._watching.cancel()
         for listeners in self._listeners.values():
             listeners.close()
         for service in self.services.values():
@@ -173,7 +186,7 @@ class Node:
                 raise ApiError(ErrorCode.service_already_exists, name)
             service = await self._start(self._parse(name, definition, "api"))
             try:
-                await self._keep(name, definition)
+                await self._keep(name, definition, new=True)
             except BaseException:
                 await self._remove(service, "the service could not be stored")
                 raise
@@ -184,29 +197,38 @@ class Node:
             service = self._changeable(name)
             table = {key: value for key, value in {**service.config.source, **changes}.items()
                      if value is not None}
-            definition = self._parse(name, table, service.config.origin)
-            self._check_ports_free(definition)
-            chain = await service.new_chain(definition, await _logic(definition))
-            listeners = self._listeners[name]
-            try:
-                change = await listeners.change(definition, renew_tls="tls" in changes)
-            except BaseException:
-                chain.stop()
-                raise
-            try:
-                if definition.origin == "api":
-                    await self._keep(name, table)
-            except BaseException:
-                await listeners.undo(change)
-                chain.stop()
-                raise
-            listeners.commit(change)
-            self._hold_ports(name)
-            service.reconfigure(definition, chain)
+            definition = await self._change(service, table, renew_tls="tls" in changes,
+                                            keep=service.config.origin == "api")
             log.info("service %s updated (%s); listening on %s", name,
-                     ", ".join(sorted(changes)) or "no keys", ", ".join(listeners.urls()))
-            self._publish("update", name)
+                     ", ".join(sorted(changes)) or "no keys", ", ".join(self.urls(name)))
             return self._answer(definition, {"name": name})
+
+    async def _change(self, service: Service, table: dict[str, Any], *, renew_tls: bool,
+                      keep: bool) -> ServiceConfig:
+        """Give a running service the definition `table`, whole or not at all (`keep`: in
+        the store too)."""
+        name = service.name
+        definition = self._parse(name, table, service.config.origin)
+        self._check_ports_free(definition)
+        chain = await service.new_chain(definition, await _logic(definition))
+        listeners = self._listeners[name]
+        try:
+            change = await listeners.change(definition, renew_tls=renew_tls)
+        except BaseException:
+            chain.stop()
+            raise
+        try:
+            if keep:
+                await self._keep(name, table)
+        except BaseException:
+            await listeners.undo(change)
+            chain.stop()
+            raise
+        listeners.commit(change)
+        self._hold_ports(name)
+        service.reconfigure(definition, chain)
+        self._publish("update", name)
+        return definition
 
     async def stop_service(self, name: str) -> dict[str, Any]:
         async with self._changing:
@@ -232,19 +254,56 @@ class Node:
             raise ApiError(ErrorCode.service_not_found, name)
         return public_definition(service.config)
 
+    # -- the other processes of a cluster ----------------------------------------------------
+
+    def _stored_elsewhere(self, name: str, table: dict[str, Any] | None) -> None:
+        """The store changed (any process, this one too): make this process match it."""
+        task = asyncio.get_running_loop().create_task(self._match_store(name, table))
+        self._applying.add(task)
+        task.add_done_callback(self._applying.discard)
+
+    async def _match_store(self, name: str, stored: dict[str, Any] | None) -> None:
+        async with self._changing:
+            service = self.services.get(name)
+            if name == "core" or name in self.config.services:
+                return  # the config file's: never from the store
+            try:
+                if stored is None:
+                    if service is not None:
+                        await self._remove(service, "the service was stopped")
+                        log.info("service %s stopped by another process", name)
+                    return
+                table = _without_name(stored)
+                if service is None:
+                    await self._start(self._parse(name, table, "api"))
+                    log.info("service %s created by another process", name)
+                elif table != service.config.source:
+                    renew = table.get("tls") != service.config.source.get("tls")
+                    await self._change(service, table, renew_tls=renew, keep=False)
+                    log.info("service %s updated by another process", name)
+            except ConfigError as error:
+                log.error("service %s, as another process stored it, cannot run here: %s",
+                          name, error)
+            except Exception:
+                log.exception("service %s: following the store failed", name)
+
     # -- helpers ---------------------------------------------------------------------------
 
     def _parse(self, name: str, table: dict[str, Any], origin: str) -> ServiceConfig:
         return parse_service(name, table, self.config.base_dir, where=f"services.{name}.",
                              origin=origin)
 
-    async def _keep(self, name: str, table: dict[str, Any] | None) -> None:
-        """Store a definition (None: delete it); a failure of the disk is said in words."""
+    async def _keep(self, name: str, table: dict[str, Any] | None, *, new: bool = False
+                    ) -> None:
+        """Store a definition (None: delete it; `new`: unless another process of the
+        cluster stored that name first); a failure of the disk is said in words."""
         try:
             if table is None:
                 await self.store.delete(name)
             else:
-                await self.store.save(name, {"name": name, **table})
+                await self.store.save(name, {"name": name, **table}, new=new)
+        except FileExistsError:
+            raise ApiError(ErrorCode.service_already_exists, name) from None
         except OSError as exc:
             log.error("service %s: the store failed: %s", name, exc)
             raise ApiError(ErrorCode.internal_error, f"the service's definition could not be "

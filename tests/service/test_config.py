@@ -107,8 +107,6 @@ def test_what_is_accepted_but_doubtful_is_warned_about() -> None:
         "core": {"script": ""},  # empty: as good as left out
     }, Path("."))
     assert config_warnings(config) == [
-        "node.workers = 4: several workers need the cluster bus, which is not available "
-        "yet; running one worker",
         "services.quiet.listen is empty: nobody can connect to this service",
         "services.logs.gelf: a host without the gelf plugin in services.logs.plugins: session "
         "logs go to the node's log",

@@ -26,6 +26,8 @@ from typing import Any
 from nats.aio.client import Client
 from nats.protocol import command
 
+from nkservice.errors import ServerError
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[bytes, bytes, bytes, bytes], None]
@@ -87,16 +89,24 @@ class NatsLink:
     def connected(self) -> bool:
         return bool(self.client.is_connected)
 
-    async def start(self, *, connect_timeout: int = 5) -> None:
-        """Connect (a first connection is waited for: a node must not start without its
-        cluster); later losses are reconnected in the background."""
+    async def start(self, *, attempts: int = 10) -> None:
+        """Connect: a node does not start without its cluster, so the first connection is
+        tried `attempts` times, half a second apart, then `ServerError`; once connected,
+        a lost connection is tried again forever, in the background."""
         self._loop = asyncio.get_running_loop()
-        await self.client.connect(
-            self.url, name=self.name, connect_timeout=connect_timeout,
-            allow_reconnect=True, max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,  # type: ignore[arg-type]  # seconds: a float works
-            disconnected_cb=self._state(False), reconnected_cb=self._state(True),
-            error_cb=self._error, pending_size=64 * 1024 * 1024)
+        servers = [url.strip() for url in self.url.split(",") if url.strip()]
+        try:
+            await self.client.connect(
+                servers, name=self.name, connect_timeout=2,
+                allow_reconnect=True, max_reconnect_attempts=attempts,
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]  # seconds: a float works
+                disconnected_cb=self._state(False), reconnected_cb=self._state(True),
+                error_cb=self._error, pending_size=64 * 1024 * 1024)
+        except Exception as exc:
+            raise ServerError(f"cannot join the cluster at {self.url}: no NATS server "
+                              f"answered ({exc or type(exc).__name__}); start it, or fix "
+                              "node.cluster") from exc
+        self.client.options["max_reconnect_attempts"] = -1  # from now on: never give up
 
     def _state(self, up: bool) -> Callable[[], Awaitable[None]]:
         async def changed() -> None:

@@ -125,9 +125,6 @@ def load_config(path: Path | None) -> NodeConfig:
 def config_warnings(config: NodeConfig) -> list[str]:
     """What is accepted but probably not what the operator meant, to log at start."""
     warnings = []
-    if config.workers > 1:
-        warnings.append(f"node.workers = {config.workers}: several workers need the cluster "
-                        "bus, which is not available yet; running one worker")
     for service in (config.core, *config.services.values()):
         where = service.table
         if not service.listen:
