@@ -104,6 +104,67 @@ async def test_a_save_writes_fsyncs_renames_then_fsyncs_the_directory(
     assert steps == [("fsync dir", directory.stat().st_ino)]
 
 
+async def test_a_new_name_is_saved_only_if_it_is_not_stored(tmp_path: Path) -> None:
+    directory = tmp_path / "services"
+    store = FileServiceStore(directory)
+    await store.save("demo", definition("demo", 1), new=True)
+    with pytest.raises(FileExistsError, match="the service demo is already stored"):
+        await store.save("demo", definition("demo", 2), new=True)
+    assert await FileServiceStore(directory).load() == {"demo": definition("demo", 1)}
+    assert names(directory) == ["demo.json"]  # the refused save left nothing behind
+    assert stat.S_IMODE((directory / "demo.json").stat().st_mode) == 0o600
+    await store.delete("demo")
+    await store.save("demo", definition("demo", 3), new=True)
+    assert await FileServiceStore(directory).load() == {"demo": definition("demo", 3)}
+
+
+async def test_of_new_saves_of_one_name_at_once_exactly_one_wins(tmp_path: Path) -> None:
+    directory = tmp_path / "services"
+    stores = [FileServiceStore(directory) for _ in range(8)]  # no lock in common: threads
+    for _ in range(5):
+        results = await asyncio.gather(
+            *(store.save("demo", definition("demo", n), new=True)
+              for n, store in enumerate(stores)),
+            return_exceptions=True,
+        )
+        winners = [n for n, result in enumerate(results) if result is None]
+        assert len(winners) == 1, results
+        assert all(isinstance(r, FileExistsError) for r in results if r is not None)
+        assert await stores[0].load() == {"demo": definition("demo", winners[0])}
+        assert names(directory) == ["demo.json"]
+        await stores[0].delete("demo")
+
+
+async def test_a_new_save_writes_fsyncs_links_then_fsyncs_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "services"
+    store = FileServiceStore(directory)
+    await store.save("other", definition("other"))
+    steps: list[tuple[str, Any]] = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        steps.append(("fsync dir" if stat.S_ISDIR(info.st_mode) else "fsync file", info.st_ino))
+        real_fsync(fd)
+
+    def link(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        steps.append(("link", Path(dst)))
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    await store.save("demo", definition("demo"), new=True)
+    path = directory / "demo.json"
+    assert steps == [
+        ("fsync file", path.stat().st_ino),  # the data is durable before it has the name
+        ("link", path),
+        ("fsync dir", directory.stat().st_ino),
+    ]
+    assert names(directory) == ["demo.json", "other.json"]
+
+
 class Crash(Exception):
     """The power went out."""
 
@@ -129,8 +190,8 @@ def crash_at(step: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
     if step == "write":
         monkeypatch.setattr(os, "write", write)
-    elif step == "replace":
-        monkeypatch.setattr(os, "replace", fail)
+    elif step in ("replace", "link"):
+        monkeypatch.setattr(os, step, fail)
     else:
         monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "unlink", no_cleanup)
@@ -159,6 +220,22 @@ async def test_a_crash_at_any_step_leaves_the_old_definition_or_the_new(
         expected["demo"] = definition("demo", survivor)
     assert await FileServiceStore(directory).load() == expected
     assert leftovers(directory) == []
+
+
+@pytest.mark.parametrize("step", ["write", "fsync file", "link"])
+async def test_a_crash_in_a_new_save_leaves_no_definition(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    directory = tmp_path / "services"
+    await FileServiceStore(directory).save("other", definition("other"))
+    with monkeypatch.context() as crashing:
+        crash_at(step, crashing)
+        with pytest.raises(Crash):
+            await FileServiceStore(directory).save("demo", definition("demo"), new=True)
+    assert len(leftovers(directory)) == 1  # the crash left the temporary file
+    assert await FileServiceStore(directory).load() == {"other": definition("other")}
+    assert names(directory) == ["other.json"]
+    await FileServiceStore(directory).save("demo", definition("demo"), new=True)  # free
 
 
 CHILD = """

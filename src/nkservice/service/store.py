@@ -3,8 +3,11 @@
 `FileServiceStore` keeps one JSON file per service definition under `<data_dir>/services`.
 A definition that was acknowledged must never be lost or half-written, so every save
 writes a temporary file, fsyncs it, renames it over the old one and fsyncs the directory:
-after a crash at any point the file holds the old definition or the new one. A cluster
-will keep its definitions in a JetStream key-value bucket behind the same `ServiceStore`.
+after a crash at any point the file holds the old definition or the new one. A save of a
+name that must be new links the temporary file to its name instead of renaming it: a link
+fails when the name exists, and the file gets its name whole all the same. A cluster keeps
+its definitions in a JetStream key-value bucket behind the same `ServiceStore`
+(`nkservice.cluster.kv_store`).
 """
 
 from __future__ import annotations
@@ -38,10 +41,12 @@ class ServiceStore(Protocol):
         aside (renamed, never deleted) with one WARNING log line naming the file, where it went
         and why; the others load."""
 
-    async def save(self, name: str, definition: dict[str, Any]) -> None:
+    async def save(self, name: str, definition: dict[str, Any], *, new: bool = False) -> None:
         """Store (or replace) a definition atomically: after a crash at any point the store
         holds the old definition or the new one, never a mix or a corrupt file. Returns only
-        when it is durable."""
+        when it is durable. With `new`, only a name not stored yet: else FileExistsError
+        (and nothing changes), decided atomically, so of two creations of one name at once
+        exactly one succeeds."""
 
     async def delete(self, name: str) -> None:
         """Forget a definition (durably); no error when there is none."""
@@ -57,10 +62,10 @@ class FileServiceStore:
     async def load(self) -> dict[str, dict[str, Any]]:
         return await self._in_thread(self._load)
 
-    async def save(self, name: str, definition: dict[str, Any]) -> None:
+    async def save(self, name: str, definition: dict[str, Any], *, new: bool = False) -> None:
         _check_name(name)
         data = orjson.dumps(definition, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
-        await self._in_thread(self._write, name, data)
+        await self._in_thread(self._write, name, data, new)
 
     async def delete(self, name: str) -> None:
         _check_name(name)
@@ -91,7 +96,7 @@ class FileServiceStore:
                     found[path.name.removesuffix(".json")] = definition
         return found
 
-    def _write(self, name: str, data: bytes) -> None:
+    def _write(self, name: str, data: bytes, new: bool) -> None:
         self._make_dir()
         tmp = self._dir / f"{name}.json.{secrets.token_hex(4)}.tmp"
         try:
@@ -103,12 +108,23 @@ class FileServiceStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, self._dir / f"{name}.json")
+            if new:
+                # A hard link, unlike a rename, fails when the name exists (even for another
+                # process on this directory); the whole file gets the name at once either way.
+                try:
+                    os.link(tmp, self._dir / f"{name}.json")
+                except FileExistsError as e:
+                    raise FileExistsError(f"the service {name} is already stored") from e
+            else:
+                os.replace(tmp, self._dir / f"{name}.json")
         except BaseException:
             # A failed save (a full disk, say) leaves nothing; after a crash, load() cleans up.
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        if new:
+            with contextlib.suppress(OSError):  # saved already; load() removes it otherwise
+                os.unlink(tmp)
         _fsync_dir(self._dir)
 
     def _unlink(self, name: str) -> None:
