@@ -8,6 +8,7 @@ That state is logged when it starts and ends, and shown to admins in `core/ping`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -33,6 +34,7 @@ class Cluster:
         self.link = NatsLink(url, self.process, on_state=self._changed)
         self.rpc = Rpc(self.link, self.process)
         self.degraded_since: float | None = None
+        self._state_changed = asyncio.Event()
 
     async def start(self) -> None:
         await self.link.start()
@@ -52,7 +54,14 @@ class Cluster:
         return {"process": self.process, "state": "degraded",
                 "since": round(time.time() - (time.monotonic() - self.degraded_since), 3)}
 
+    async def until(self, *, connected: bool) -> None:
+        """Until NATS is there (or away): for tests and for whoever must wait for it."""
+        while self.link.connected != connected:
+            self._state_changed.clear()
+            await self._state_changed.wait()
+
     def _changed(self, up: bool) -> None:
+        self._state_changed.set()
         if up:
             if self.degraded_since is not None:
                 log.warning("cluster: NATS is back after %.1f s; working with the others "

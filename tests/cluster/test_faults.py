@@ -1,0 +1,162 @@
+"""A cluster when NATS goes away and comes back, and a node that joins late: in-process
+nodes joined over a real NATS server, clients over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nkservice.cluster.server import EmbeddedNats
+from nkservice.node import Node
+from nkservice.service.config import parse_node_config
+from tests.wire import Peer
+
+Start = Callable[[], Awaitable[Node]]
+WAIT = 20.0
+
+
+@pytest.fixture
+async def start_node(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Start]:
+    """Start nodes of one cluster, each with the `demo` service on a port of its own."""
+    nodes: list[Node] = []
+
+    async def start() -> Node:
+        config = parse_node_config({
+            "node": {"cluster": nats_server.url, "data_dir": str(tmp_path / f"d{len(nodes)}")},
+            "admin": {"user": "admin", "password": "secret"},
+            "core": {"listen": ["tcp://127.0.0.1:0"]},
+            "services": {"demo": {"listen": ["tcp://127.0.0.1:0"], "ping_interval": 0,
+                                  "users": {"alice": "pw1", "bob": "pw2"},
+                                  "admin": {"user": "boss", "password": "pw"}}},
+        }, tmp_path)
+        node = Node(config)
+        await node.start()
+        nodes.append(node)
+        for each in nodes:
+            assert each.cluster is not None
+            async with asyncio.timeout(WAIT):
+                await each.cluster.rpc.until_members(len(nodes) - 1)
+        return node
+
+    yield start
+    for node in nodes:
+        await node.stop()
+
+
+@pytest.fixture
+async def peers() -> AsyncIterator[list[Peer]]:
+    opened: list[Peer] = []
+    yield opened
+    for peer in opened:
+        with contextlib.suppress(Exception):
+            await peer.close()
+
+
+async def login(peers: list[Peer], node: Node, service: str, user: str,
+                password: str) -> Peer:
+    peer = await Peer(node.urls(service)[0]).connect(None)
+    peers.append(peer)
+    await peer.login(user, password)
+    return peer
+
+
+def ok(response: dict[str, Any]) -> Any:
+    assert response["result"] == "ok", response
+    return response.get("data")
+
+
+async def next_event(peer: Peer) -> dict[str, Any]:
+    event = await peer.recv(timeout=WAIT)
+    assert event.get("cmd") == "event", event
+    await peer.send({"result": "ok", "tid": event["tid"]})
+    data: dict[str, Any] = event["data"]
+    return data
+
+
+async def until(node: Node, *, connected: bool) -> None:
+    assert node.cluster is not None
+    async with asyncio.timeout(WAIT):
+        await node.cluster.until(connected=connected)
+
+
+async def test_nats_restarted_under_load(
+        start_node: Start, nats_server: EmbeddedNats, peers: list[Peer]) -> None:
+    """No crash while NATS is away; local work goes on; the admin sees the degraded state;
+    events flow between the processes again once it is back; stored services survive."""
+    first, second = await start_node(), await start_node()
+    admin = await login(peers, first, "core", "admin", "secret")
+    ok(await admin.request("core", "create_service", {
+        "name": "shop", "listen": ["tcp://127.0.0.1:0"], "users": {"carol": "pw3"}}))
+    alice = await login(peers, first, "demo", "alice", "pw1")
+    ok(await alice.request("core", "subscribe", {"class": "chat"}))
+    sender = await login(peers, second, "demo", "boss", "pw")
+    ok(await sender.request("core", "send_event", {"class": "chat", "body": {"n": 0}}))
+    assert (await next_event(alice))["body"] == {"n": 0}
+
+    async def load() -> None:  # the other process keeps publishing throughout
+        n = 1
+        while True:
+            await sender.request("core", "send_event", {"class": "chat", "body": {"n": n}})
+            n += 1
+
+    loading = asyncio.create_task(load())
+    try:
+        await nats_server.stop()
+        await until(first, connected=False)
+        await until(second, connected=False)
+        state = ok(await admin.request("core", "ping"))["cluster"]
+        assert state["state"] == "degraded" and state["since"] > 0
+        local = await login(peers, first, "demo", "boss", "pw")  # logins go on
+        ok(await local.request("core", "send_event", {"class": "chat", "body": {"local": 1}}))
+        while (await next_event(alice))["body"] != {"local": 1}:
+            pass  # events published before NATS went away may still come first
+        await nats_server.restart()
+        await until(first, connected=True)
+        await until(second, connected=True)
+        again = await login(peers, second, "demo", "boss", "pw")  # (the load has `sender`)
+        ok(await again.request("core", "send_event", {"class": "chat", "body": {"back": 1}}))
+        while (await next_event(alice)).get("body") != {"back": 1}:
+            pass  # the load's events: received in order, then this one
+    finally:
+        loading.cancel()
+    assert ok(await admin.request("core", "ping"))["cluster"]["state"] == "connected"
+    listing = ok(await admin.request("core", "list_services"))
+    assert "shop" in {entry["name"] for entry in listing}
+    carol = await login(peers, second, "shop", "carol", "pw3")  # the other process has it
+    ok(await carol.request("core", "ping"))
+
+
+async def test_a_node_joining_late_sees_every_created_service(
+        start_node: Start, peers: list[Peer]) -> None:
+    first = await start_node()
+    admin = await login(peers, first, "core", "admin", "secret")
+    for name in ("shop", "blog"):
+        ok(await admin.request("core", "create_service", {
+            "name": name, "listen": ["tcp://127.0.0.1:0"], "users": {"carol": "pw3"}}))
+    ok(await admin.request("core", "update_service", {"name": "blog",
+                                                       "users": {"dave": "pw4"}}))
+    late = await start_node()
+    assert {"shop", "blog"} <= set(late.services)
+    await login(peers, late, "blog", "dave", "pw4")
+    await login(peers, late, "shop", "carol", "pw3")
+
+
+async def test_a_create_while_nats_is_away_is_refused_and_nothing_half_done(
+        start_node: Start, nats_server: EmbeddedNats, peers: list[Peer]) -> None:
+    node = await start_node()
+    admin = await login(peers, node, "core", "admin", "secret")
+    await nats_server.stop()
+    await until(node, connected=False)
+    refused = await admin.request("core", "create_service", {
+        "name": "shop", "listen": ["tcp://127.0.0.1:0"]})
+    assert refused["result"] == "error", refused
+    assert "shop" not in node.services
+    await nats_server.restart()
+    await until(node, connected=True)
+    ok(await admin.request("core", "create_service", {
+        "name": "shop", "listen": ["tcp://127.0.0.1:0"]}))
