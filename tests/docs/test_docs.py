@@ -212,7 +212,8 @@ async def test_the_services_session_prints_what_services_md_shows(tmp_path: Path
 
 
 @pytest.mark.parametrize("path", ["README.md", "docs/protocol.md", "docs/client.md",
-                                  "docs/events.md", "docs/config.md", "docs/services.md"])
+                                  "docs/events.md", "docs/config.md", "docs/services.md",
+                                  "docs/cluster.md"])
 def test_relative_links_point_at_files(path: str) -> None:
     text = (ROOT / path).read_text(encoding="utf-8")
     for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
