@@ -103,6 +103,11 @@ class Peer:
         assert response.get("tid") == tid, response
         return response
 
+    @property
+    def waiting(self) -> list[dict[str, Any]]:
+        """Server requests that arrived while `request` waited, not yet taken by `recv`."""
+        return list(self._inbox)
+
     async def login(self, user: str, password: str, **extra: Any) -> dict[str, Any]:
         response = await self.request("core", "login", {"user": user, "password": password,
                                                          **extra}, subclass="user")

@@ -133,7 +133,7 @@ class Node:
             except Exception:  # a plugin's own failure: it must not keep the others down
                 log.exception("the service %s, created by API, did not start", name)
 
-    async def _start(self, definition: ServiceConfig) -> Service:
+    async def _start(self, definition: ServiceConfig, *, publish: bool = True) -> Service:
         """Start a service and its sockets; a failure leaves nothing of it behind."""
         name = definition.name
         self._check_ports_free(definition)
@@ -151,7 +151,8 @@ class Node:
         self._hold_ports(name)
         for url in listeners.urls():
             log.info("service %s listening on %s", name, url)
-        self._publish("start", name)
+        if publish:
+            self._publish("start", name)
         return service
 
     def urls(self, service: str) -> list[str]:
@@ -206,7 +207,8 @@ class Node:
     async def _change(self, service: Service, table: dict[str, Any], *, renew_tls: bool,
                       keep: bool) -> ServiceConfig:
         """Give a running service the definition `table`, whole or not at all (`keep`: in
-        the store too)."""
+        the store too, and said in a `core/service/update` event: a change that comes from
+        the store was said by the process that made it)."""
         name = service.name
         definition = self._parse(name, table, service.config.origin)
         self._check_ports_free(definition)
@@ -227,7 +229,8 @@ class Node:
         listeners.commit(change)
         self._hold_ports(name)
         service.reconfigure(definition, chain)
-        self._publish("update", name)
+        if keep or definition.origin == "config":
+            self._publish("update", name)
         return definition
 
     async def stop_service(self, name: str) -> dict[str, Any]:
@@ -270,12 +273,12 @@ class Node:
             try:
                 if stored is None:
                     if service is not None:
-                        await self._remove(service, "the service was stopped")
+                        await self._remove(service, "the service was stopped", publish=False)
                         log.info("service %s stopped by another process", name)
                     return
                 table = _without_name(stored)
                 if service is None:
-                    await self._start(self._parse(name, table, "api"))
+                    await self._start(self._parse(name, table, "api"), publish=False)
                     log.info("service %s created by another process", name)
                 elif table != service.config.source:
                     renew = table.get("tls") != service.config.source.get("tls")
@@ -318,9 +321,10 @@ class Node:
             raise ApiError(ErrorCode.service_not_found, name)
         return service
 
-    async def _remove(self, service: Service, reason: str) -> None:
+    async def _remove(self, service: Service, reason: str, *, publish: bool = True) -> None:
         """Free the sockets, close the sessions (telling them `reason`), drop the rest."""
-        self._publish("stop", service.name)
+        if publish:
+            self._publish("stop", service.name)
         self._listeners.pop(service.name).close()
         self._release_ports(service.name)
         del self.services[service.name]

@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import nats.errors
+import orjson
 import pytest
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import api
 
-from nkservice.cluster.kv_store import BUCKET, KvServiceStore
+from nkservice.cluster.kv_store import BUCKET, KvServiceStore, _FeedLost, _Seen
 from nkservice.cluster.server import EmbeddedNats
 from tests.cluster.conftest import Nats, NatsFactory
 
@@ -297,3 +300,47 @@ async def test_a_failure_of_nats_is_an_oserror(nc: Nats) -> None:
         await store.save("demo", definition("demo"))
     with pytest.raises(OSError, match="cannot load the definitions in the NATS key-value"):
         await store.load()
+
+
+class Feed:
+    """What a consumer sends, made up: a lost message cannot be arranged on a real one."""
+
+    def __init__(self, nc: Nats, *items: tuple[int, int] | int) -> None:
+        """(consumer sequence, stream sequence) for a message; an int for a heartbeat
+        saying how many messages were sent."""
+        self.msgs = []
+        for item in items:
+            if isinstance(item, int):
+                self.msgs.append(Msg(nc, subject="_INBOX.x", headers={
+                    "Status": "100", "Description": "Idle Heartbeat",
+                    "Nats-Last-Consumer": str(item), "Nats-Last-Stream": "0"}))
+            else:
+                consumer, stream = item
+                name = f"s{stream}"
+                self.msgs.append(Msg(
+                    nc, subject=f"$KV.{BUCKET}.{name}",
+                    reply=f"$JS.ACK.KV_{BUCKET}.c.1.{stream}.{consumer}.1796026432660905715.0",
+                    data=orjson.dumps(definition(name)),
+                ))
+
+    async def next_msg(self, timeout: float) -> Msg:
+        if not self.msgs:
+            raise nats.errors.TimeoutError
+        return self.msgs.pop(0)
+
+
+@pytest.mark.parametrize(("items", "why"), [
+    ([(1, 4), (2, 7), (4, 9)], "a message was lost on the way"),  # a gap in the sequence
+    ([(1, 4), (2, 7), 3], "a message was lost on the way"),  # the heartbeat says 3 were sent
+    ([(1, 4), (2, 7), 2], "no heartbeat"),  # all there; then silence
+])
+async def test_a_feed_that_lost_a_message_goes_on_after_the_last_one_seen(
+    nc: Nats, items: list[tuple[int, int] | int], why: str
+) -> None:
+    store, changed = kv_store(nc), []
+    seen = _Seen(3)
+    with pytest.raises(_FeedLost, match=why):
+        await store._follow(cast(Subscription, Feed(nc, *items)), seen,
+                            lambda name, definition: changed.append(name))
+    assert changed == ["s4", "s7"]
+    assert seen.revision == 7  # the watch's next feed starts at 8

@@ -107,6 +107,23 @@ async def test_restart_keeps_port_and_store_and_clients_reconnect(
     assert (await sub.next_msg(timeout=5)).data == b"after the restart"
 
 
+async def test_a_server_that_dies_is_reported_and_starts_again(
+    nats_server: EmbeddedNats, connect_nats: NatsFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    nc = await connect_nats()
+    process = nats_server._process
+    assert process is not None
+    os.kill(process.pid, signal.SIGKILL)
+    async with asyncio.timeout(10):
+        assert await nats_server.wait() == -signal.SIGKILL  # what a supervisor awaits
+    assert not nats_server.running
+    await nats_server.start()  # on the same port: the clients come back
+    async with asyncio.timeout(10):
+        await nc.reconnected.wait()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"the embedded NATS server (pid {process.pid}) exited with status -9" in warnings
+
+
 async def test_a_missing_binary_says_how_to_install_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -79,8 +79,9 @@ class EmbeddedNats:
 
     async def start(self) -> str:
         """Start the server and return its URL once it accepts clients."""
-        if self._process is not None:
+        if self.running:
             raise RuntimeError("the embedded NATS server is already started")
+        await self.stop()  # one that exited by itself: reap it, read its log to the end
         binary = nats_server_binary()
         # The store holds service definitions, passwords included: private to this user.
         self.store_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -127,9 +128,9 @@ class EmbeddedNats:
         process, reader = self._process, self._reader
         if process is None:
             return
-        self._stopping = True
         try:
             if process.returncode is None:
+                self._stopping = True  # its exit is no news to log
                 with contextlib.suppress(ProcessLookupError):
                     process.terminate()
                 try:
@@ -143,8 +144,8 @@ class EmbeddedNats:
                     await process.wait()
             if reader is not None:
                 await reader  # the pipe's end: every log line passed on, the transport closed
-        finally:
-            if self._process is process:
+        finally:  # cancelled before it was reaped: a later stop() finishes the work
+            if self._process is process and process.returncode is not None:
                 self._process = self._reader = None
 
     async def restart(self) -> None:

@@ -1,5 +1,6 @@
-"""A cluster when NATS goes away and comes back, and a node that joins late: in-process
-nodes joined over a real NATS server, clients over real sockets."""
+"""Nodes of a cluster: services created, updated and stopped on one run on all; NATS going
+away and coming back; a node that joins late. In-process nodes joined over a real NATS
+server, clients over real sockets."""
 
 from __future__ import annotations
 
@@ -160,3 +161,39 @@ async def test_a_create_while_nats_is_away_is_refused_and_nothing_half_done(
     await until(node, connected=True)
     ok(await admin.request("core", "create_service", {
         "name": "shop", "listen": ["tcp://127.0.0.1:0"]}))
+
+
+async def converged(check: Callable[[], bool]) -> None:
+    """Until another process has followed the store: it tells nobody when it has."""
+    async with asyncio.timeout(WAIT):
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+async def test_services_follow_the_store_on_every_node(
+        start_node: Start, peers: list[Peer]) -> None:
+    first, second = await start_node(), await start_node()
+    watcher = await login(peers, second, "core", "admin", "secret")
+    ok(await watcher.request("core", "subscribe", {"class": "core", "subclass": "service"}))
+    admin = await login(peers, first, "core", "admin", "secret")
+    ok(await admin.request("core", "create_service", {
+        "name": "shop", "listen": ["tcp://127.0.0.1:0"], "users": {"carol": "pw3"}}))
+    started = await next_event(watcher)
+    assert (started["type"], started["obj_id"]) == ("start", "shop")
+    await converged(lambda: "shop" in second.services)
+    await login(peers, second, "shop", "carol", "pw3")
+
+    other = await login(peers, second, "core", "admin", "secret")
+    refused = await other.request("core", "create_service", {"name": "shop"})
+    assert refused["data"]["code"] == 100021, refused  # one name in the whole cluster
+    ok(await other.request("core", "update_service", {"name": "shop",
+                                                       "users": {"dave": "pw4"}}))
+    assert (await next_event(watcher))["type"] == "update"  # once: by the process that did it
+    await converged(lambda: "dave" in first.services["shop"].config.users)
+    await login(peers, first, "shop", "dave", "pw4")
+
+    ok(await admin.request("core", "stop_service", {"name": "shop"}))
+    assert (await next_event(watcher))["type"] == "stop"
+    await converged(lambda: "shop" not in second.services)
+    ok(await watcher.request("core", "ping"))
+    assert watcher.waiting == []  # each change said once, by the process that made it
