@@ -140,6 +140,18 @@ async def test_watch_sees_saves_and_deletes_of_every_client(
     assert seen.changes.empty()  # "before" was loaded, not watched
 
 
+async def test_a_watch_started_during_a_load_starts_after_it(
+    nc: Nats, connect_nats: NatsFactory, watches: list[Watch]
+) -> None:
+    store, other = kv_store(nc), kv_store(await connect_nats())
+    await other.save("loaded", definition("loaded"))
+    seen = watch(store, watches)  # its task runs once the load below is under way
+    assert await store.load() == {"loaded": definition("loaded")}
+    await other.save("after", definition("after"))
+    assert await seen.next() == [("after", definition("after"))]
+    assert seen.changes.empty()
+
+
 async def test_a_watch_behind_sees_the_last_revision_of_a_key(
     nc: Nats, watches: list[Watch]
 ) -> None:
@@ -308,7 +320,7 @@ class Feed:
     def __init__(self, nc: Nats, *items: tuple[int, int] | int) -> None:
         """(consumer sequence, stream sequence) for a message; an int for a heartbeat
         saying how many messages were sent."""
-        self.msgs = []
+        self.msgs: list[Msg] = []
         for item in items:
             if isinstance(item, int):
                 self.msgs.append(Msg(nc, subject="_INBOX.x", headers={
@@ -337,8 +349,8 @@ class Feed:
 async def test_a_feed_that_lost_a_message_goes_on_after_the_last_one_seen(
     nc: Nats, items: list[tuple[int, int] | int], why: str
 ) -> None:
-    store, changed = kv_store(nc), []
-    seen = _Seen(3)
+    store, seen = kv_store(nc), _Seen(3)
+    changed: list[str] = []
     with pytest.raises(_FeedLost, match=why):
         await store._follow(cast(Subscription, Feed(nc, *items)), seen,
                             lambda name, definition: changed.append(name))

@@ -91,6 +91,7 @@ class KvServiceStore:
         self._heartbeat = heartbeat
         self._kv: KeyValue | None = None
         self._binding = asyncio.Lock()
+        self._loading = asyncio.Lock()  # a watch started meanwhile starts after the load
         self.revision: int | None = None
         """The bucket's revision (its stream's last sequence number) that the last `load`
         reflects at least; `watch` starts right after it."""
@@ -100,6 +101,10 @@ class KvServiceStore:
         object, or not of the key's name: written by something else than a node) is left
         out with one WARNING log line. It cannot be set aside as a corrupt file is: it
         stays in the bucket until a save or a delete of that name replaces it."""
+        async with self._loading:
+            return await self._load()
+
+    async def _load(self) -> dict[str, dict[str, Any]]:
         with self._failures("load the definitions"):
             await self._bind()
             revision = (await self._js.stream_info(self._stream)).state.last_seq
@@ -146,14 +151,16 @@ class KvServiceStore:
 
     async def watch(self, changed: Changed) -> None:
         """Call `changed(name, definition)` for every save and `changed(name, None)` for
-        every delete made after the last `load()` (without one: after the watch started),
-        by any process, this one included; until cancelled. A change made while the last
-        load ran may come again: applying one twice must do no harm. A key saved again
-        before the watch read it is seen once, with its last value. While NATS is away the
-        watch waits for it, then goes on from where it was. Values that are not
-        definitions are logged and skipped; an exception of `changed` is logged. Ends
-        (with ConnectionClosedError) only when the client is closed."""
-        seen = None if self.revision is None else _Seen(self.revision)
+        every delete made after the last `load()` (one under way when the watch starts is
+        waited for; without one: after the watch started), by any process, this one
+        included; until cancelled. A change made while the last load ran may come again:
+        applying one twice must do no harm. A key saved again before the watch read it is
+        seen once, with its last value. While NATS is away the watch waits for it, then
+        goes on from where it was. Values that are not definitions are logged and skipped;
+        an exception of `changed` is logged. Ends (with ConnectionClosedError) only when
+        the client is closed."""
+        async with self._loading:  # a load under way: start where it left off
+            seen = None if self.revision is None else _Seen(self.revision)
         lost = False
         while True:
             try:

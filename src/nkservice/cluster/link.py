@@ -123,8 +123,18 @@ class NatsLink:
 
     async def close(self) -> None:
         self._closing = True
-        if not self.client.is_closed:
-            await self.client.close()
+        client = self.client
+        if client.is_closed:
+            return
+        if not client.is_connected:
+            # While reconnecting, nats-py would write what it buffered to the old, closed
+            # transport (uvloop raises there and the close stops half-way): that is lost
+            # anyway.
+            client._pending, client._pending_data_size = [], 0
+        try:
+            await client.close()
+        except Exception as error:  # leaving: the log says why, the node still stops
+            log.warning("closing the NATS connection: %s", error)
 
     # -- the hot paths ---------------------------------------------------------------------
 
