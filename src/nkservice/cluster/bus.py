@@ -15,15 +15,20 @@ and events from one sender to one receiver stay in order (§5.2).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable
+from functools import partial
 from typing import Any
 
 import orjson
 
-from nkservice.cluster.link import NatsLink
+from nkservice.cluster.link import NatsLink, TooLarge
 from nkservice.cluster.subjects import event_subject, interest_subject
 from nkservice.events.bus import Deliver
 from nkservice.events.index import Topic
+
+log = logging.getLogger(__name__)
 
 
 class NatsBus:
@@ -34,6 +39,7 @@ class NatsBus:
         self._origin = origin  # unique per process run
         self._deliver: Deliver | None = None
         self._interest: dict[Topic, int] = {}  # key → NATS subscription id
+        self._activating: dict[Topic, asyncio.Future[None]] = {}  # until NATS has them
         self._sequence = 0
         self._last_seen: dict[str, int] = {}  # publisher → highest sequence delivered
 
@@ -44,14 +50,29 @@ class NatsBus:
         assert self._deliver is not None, "the bus has no receiver yet"
         self._deliver(topic, body)
         self._sequence += 1
-        self._link.publish(event_subject(topic), orjson.dumps(
-            (self._origin, self._sequence, topic.service, topic.class_, topic.subclass,
-             topic.type, topic.obj_id, body)))
+        try:
+            self._link.publish(event_subject(topic), orjson.dumps(
+                (self._origin, self._sequence, topic.service, topic.class_, topic.subclass,
+                 topic.type, topic.obj_id, body)))
+        except TooLarge as error:
+            log.warning("an event of %s/%s too large for the other processes (%s): "
+                        "delivered in this one only", topic.service, topic.class_, error)
 
     def add_interest(self, topic: Topic) -> Awaitable[None] | None:
         if topic not in self._interest:
             self._interest[topic] = self._link.subscribe(interest_subject(topic), self._received)
-        return self._link.confirm()
+        confirmed = self._link.confirm()
+        if confirmed is not None:
+            self._activating[topic] = confirmed
+            confirmed.add_done_callback(partial(self._active, topic))
+        return confirmed
+
+    def _active(self, topic: Topic, confirmed: asyncio.Future[None]) -> None:
+        if self._activating.get(topic) is confirmed:
+            del self._activating[topic]
+
+    def activating(self, topic: Topic) -> Awaitable[None] | None:
+        return self._activating.get(topic)
 
     def remove_interest(self, topic: Topic) -> None:
         sid = self._interest.pop(topic, None)

@@ -72,6 +72,7 @@ class ClusterCallbacks:
         rpc.watch_members(self._member_changed)
         rpc.serve("callbacks", self._serve_listing)
         rpc.serve("cb", self._serve_callback)
+        rpc.serve("registrations", self._serve_registrations)
 
     def start(self) -> None:
         """Once connected: hear the others' registrations."""
@@ -127,14 +128,34 @@ class ClusterCallbacks:
                 del self._elsewhere[key]
 
     def _member_changed(self, process: str, joined: bool) -> None:
-        if joined:  # the newcomer learns what we hold
+        if joined:  # each tells the other what it holds, whoever thought the other gone
             for key in self.local.keys():  # noqa: SIM118 (a method, not a dict)
                 self._announce(key)
+            self._spawn(self._learn_from(process))
             return
         for key in [key for key, holders in self._elsewhere.items() if process in holders]:
             del self._elsewhere[key][process]
             if not self._elsewhere[key]:
                 del self._elsewhere[key]
+
+    async def _learn_from(self, process: str) -> None:
+        """What a process that (re)joined holds, asked rather than waited for."""
+        try:
+            held = await self._rpc.ask(process, "registrations", {}, timeout=5.0)
+        except (ApiError, Gone) as error:
+            log.info("could not learn the callbacks of %s: %s", process, error)
+            return
+        for key in [key for key, holders in self._elsewhere.items() if process in holders]:
+            del self._elsewhere[key][process]
+            if not self._elsewhere[key]:
+                del self._elsewhere[key]
+        for fields, times in held:
+            if times:
+                self._elsewhere.setdefault(CallbackKey(*fields), {})[process] = times
+
+    def _serve_registrations(self, request: dict[str, Any], reply: Reply) -> None:
+        reply.ok([[[key.service, key.kind, key.class_], self._times(key)]
+                  for key in self.local.keys()])  # noqa: SIM118 (a method, not a dict)
 
     async def listing(self, service: str | None) -> list[dict[str, Any]]:
         found = await self.local.listing(service)

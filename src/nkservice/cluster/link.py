@@ -23,6 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from nats import errors
 from nats.aio.client import Client
 from nats.protocol import command
 
@@ -34,6 +35,7 @@ Handler = Callable[[bytes, bytes, bytes, bytes], None]
 """A subscription's callback: (subject, reply subject, payload, headers)."""
 
 NO_RESPONDERS = b"NATS/1.0 503"  # the status NATS sends to a request nobody listens for
+DEFAULT_MAX_PAYLOAD = 1024 * 1024  # what a server allows unless it says otherwise
 
 
 class _Slot:
@@ -54,8 +56,21 @@ class _Slot:
         self.handler = handler
 
 
+class TooLarge(ValueError):
+    """A message over the NATS server's `max_payload`."""
+
+
 class _Client(Client):
     """A nats-py client whose table may hold `_Slot`s: their messages skip its machinery."""
+
+    async def _process_err(self, err_msg: str) -> None:
+        """The server refused something and closes the connection: nats-py would then give
+        up for good; reconnect instead (but not after an authorization error)."""
+        if "authorization" in err_msg.lower():
+            await super()._process_err(err_msg)
+            return
+        log.error("NATS refused what this process sent (%s); reconnecting", err_msg)
+        await self._process_op_err(errors.Error(f"nats: {err_msg}"))
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
                            headers: bytes) -> None:
@@ -97,7 +112,7 @@ class NatsLink:
         servers = [url.strip() for url in self.url.split(",") if url.strip()]
         try:
             await self.client.connect(
-                servers, name=self.name, connect_timeout=2,
+                servers, name=self.name, connect_timeout=2, no_echo=True,  # ours: seen here
                 allow_reconnect=True, max_reconnect_attempts=attempts,
                 reconnect_time_wait=0.5,  # type: ignore[arg-type]  # seconds: a float works
                 disconnected_cb=self._state(False), reconnected_cb=self._state(True),
@@ -139,11 +154,14 @@ class NatsLink:
     # -- the hot paths ---------------------------------------------------------------------
 
     def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
+        """Queue a message; `TooLarge` when NATS would refuse it (and cut the connection:
+        it answers an oversized message with an error and closes)."""
         client = self.client
+        if len(payload) > (client.max_payload or DEFAULT_MAX_PAYLOAD):
+            raise TooLarge(f"{len(payload)} bytes for {subject[:64]}")
         cmd = command.pub_cmd(subject, reply, payload)
-        if (not client.is_connected
-                and client._pending_data_size + len(cmd) > client._max_pending_size):
-            self.dropped += 1  # NATS is away and its buffer full: the cluster is degraded
+        if client._pending_data_size + len(cmd) > client._max_pending_size:
+            self.dropped += 1  # NATS is away or slower than us: the cluster is degraded
             return
         self._send(cmd)
 
@@ -195,6 +213,8 @@ class NatsLink:
         self._confirming = None  # what is sent from now on needs a PING of its own
         client = self.client
         try:
+            if not client.is_connected:
+                return  # reconnecting: nats-py sends the buffer after its CONNECT
             if client._pending_data_size and client._transport is not None:
                 client._transport.writelines(client._pending)  # before the PING, in order
                 client._pending = []

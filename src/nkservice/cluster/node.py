@@ -62,6 +62,8 @@ class Cluster:
 
     def _changed(self, up: bool) -> None:
         self._state_changed.set()
+        if not up:
+            self.rpc.lost_connection()
         if up:
             if self.degraded_since is not None:
                 log.warning("cluster: NATS is back after %.1f s; working with the others "

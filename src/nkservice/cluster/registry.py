@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,8 @@ class ClusterRegistry:
         self.rpc = rpc
         self.timeout = question_timeout
         self._claiming: set[tuple[str, str]] = set()
+        # Chosen ids other processes asked for lately: (process, user, when) by (service, id).
+        self._asked: dict[tuple[str, str], tuple[str, str, float]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         for operation, handler in (("take", self._serve_take), ("find", self._serve_find),
                                    ("users", self._serve_users),
@@ -61,10 +64,11 @@ class ClusterRegistry:
         if fresh or self.local.holds(service, session_id):
             return await self.local.claim(caller, user, session_id, fresh=fresh)
         key = (service, session_id)
+        if self._claimed_by_another(key, self.rpc.process, user):
+            raise ApiError(ErrorCode.duplicated_session_id)
         self._claiming.add(key)
         try:
-            answers = await self.rpc.gather("take", {"s": service, "i": session_id, "u": user},
-                                            timeout=self.timeout)
+            answers = await self._ask_all("take", service, i=session_id, u=user)
         finally:
             self._claiming.discard(key)
         inherited = Claim()
@@ -144,11 +148,27 @@ class ClusterRegistry:
 
     # -- answering the others --------------------------------------------------------------
 
+    def _claimed_by_another(self, key: tuple[str, str], process: str, user: str) -> bool:
+        """Did another process claim this id for another user a moment ago? (Its claim
+        may not be registered anywhere yet: the first claim wins.)"""
+        asked = self._asked.get(key)
+        return (asked is not None and asked[0] != process and asked[1] != user
+                and time.monotonic() - asked[2] < 2 * self.timeout)
+
     def _serve_take(self, request: dict[str, Any], reply: Reply) -> None:
         service, session_id = request["s"], request["i"]
-        if (service, session_id) in self._claiming:
+        key = (service, session_id)
+        if key in self._claiming:
             reply.ok({"contested": self.rpc.process})
             return
+        if self._claimed_by_another(key, request["from"], request["u"]):
+            reply.ok({"taken": True})
+            return
+        now = time.monotonic()
+        if len(self._asked) > 10_000:  # forget the old ones now and then
+            self._asked = {k: v for k, v in self._asked.items()
+                           if now - v[2] < 2 * self.timeout}
+        self._asked[key] = (request["from"], request["u"], now)
         try:
             claim = self.local.release(service, session_id, request["u"])
         except ApiError:

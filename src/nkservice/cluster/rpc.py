@@ -20,11 +20,12 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import orjson
 
-from nkservice.cluster.link import NO_RESPONDERS, NatsLink
+from nkservice.cluster.link import NO_RESPONDERS, NatsLink, TooLarge
 from nkservice.errors import ApiError, ErrorCode
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,12 @@ class Reply:
     def ok(self, data: Any = None) -> None:
         if not self.done:
             self.done = True
-            self._link.publish(self._subject, orjson.dumps({"k": "ok", "d": data}))
+            try:
+                self._link.publish(self._subject, orjson.dumps({"k": "ok", "d": data}))
+            except TooLarge as error:
+                log.warning("an answer to another process is too large: %s", error)
+                self.done = False
+                self.error(ApiError(ErrorCode.message_too_large, "the answer"))
 
     def error(self, error: ApiError) -> None:
         if not self.done:
@@ -67,14 +73,15 @@ Handler = Callable[[dict[str, Any], Reply], None]
 
 
 class _Call:
-    __slots__ = ("answers", "expected", "future", "on_ack")
+    __slots__ = ("answers", "expected", "future", "on_ack", "target")
 
     def __init__(self, future: asyncio.Future[Any], expected: int,
-                 on_ack: Callable[[], None] | None) -> None:
+                 on_ack: Callable[[], None] | None, target: str | None) -> None:
         self.future = future
         self.expected = expected  # answers to wait for (1 for `ask`)
         self.answers: list[Any] = []
         self.on_ack = on_ack
+        self.target = target  # the one process asked, if one: its end ends the call
 
 
 class Rpc:
@@ -138,7 +145,17 @@ class Rpc:
                 del self._members[process]
                 log.warning("process %s is gone (not heard of for %.0f s)", process,
                             HEARTBEAT * 3)
+                self._fail_calls(partial(_asked, process))
                 self._tell(process, False)
+
+    def lost_connection(self) -> None:
+        """NATS went away: no answer on the way will arrive."""
+        self._fail_calls(lambda call: True)
+
+    def _fail_calls(self, which: Callable[[_Call], bool]) -> None:
+        for call in self._calls.values():
+            if which(call) and not call.future.done():
+                call.future.set_exception(Gone())
 
     def _heard(self, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         process = data.decode()
@@ -194,7 +211,7 @@ class Rpc:
         nothing: the caller's own deadline rules). `subject`: ask whoever listens there
         instead (a queue group: one of them)."""
         answers = await self._call(subject or f"nks.p.{process}", operation, data, 1,
-                                   timeout, on_ack)
+                                   timeout, on_ack, None if subject else process)
         if not answers:
             raise ApiError(ErrorCode.timeout)
         return _result(answers[0])
@@ -205,18 +222,24 @@ class Rpc:
         expected = len(self.members())
         if not expected or not self.link.connected:
             return []
-        answers = await self._call(ALL, operation, data, expected, timeout, None)
+        answers = await self._call(ALL, operation, data, expected, timeout, None, None)
         return [answer.get("d") for answer in answers if answer.get("k") == "ok"]
 
     async def _call(self, subject: str, operation: str, data: dict[str, Any], expected: int,
-                    timeout: float, on_ack: Callable[[], None] | None) -> list[Any]:
+                    timeout: float, on_ack: Callable[[], None] | None,
+                    target: str | None) -> list[Any]:
         if not self.link.connected:
             raise Gone()
         token = str(next(self._numbers))
-        call = _Call(asyncio.get_running_loop().create_future(), expected, on_ack)
+        call = _Call(asyncio.get_running_loop().create_future(), expected, on_ack, target)
         self._calls[token] = call
-        self.link.publish(subject, orjson.dumps({**data, "op": operation, "from": self.process}),
-                          reply=f"nks.r.{self.process}.{token}")
+        try:
+            self.link.publish(subject, orjson.dumps({**data, "op": operation,
+                                                     "from": self.process}),
+                              reply=f"nks.r.{self.process}.{token}")
+        except TooLarge:
+            del self._calls[token]
+            raise ApiError(ErrorCode.message_too_large, "for another process") from None
         try:
             async with asyncio.timeout(timeout):
                 await call.future
@@ -241,6 +264,10 @@ class Rpc:
         call.answers.append(answer)
         if len(call.answers) >= call.expected:
             call.future.set_result(None)
+
+
+def _asked(process: str, call: _Call) -> bool:
+    return call.target == process
 
 
 def _result(answer: dict[str, Any]) -> Any:

@@ -9,22 +9,29 @@ the match (§5.1). An event field sent as `*` is the token `%2A`: only a subscri
 
 A token must not hold `.`, `*`, `>`, white space, or be empty: every byte outside
 `[A-Za-z0-9_-]` is written `%XX`, and the empty string is `%`, which no escaped value is.
+A value longer than `MAX_TOKEN` is `~` and a hash of it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from nkservice.events.index import WILDCARD, Topic
 
 EVENTS = "nks.ev"
+MAX_TOKEN = 64  # longer values: hashed (a NATS control line holds at most 4 KiB)
 
 _PLAIN = re.compile(r"[A-Za-z0-9_-]+")
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
 def token(value: str) -> str:
-    """One subject token for any string, reversibly."""
+    """One subject token for any string: the string itself, escaped; a long one (whose
+    subject NATS would refuse) as a hash of it: another value may then share its subject,
+    which costs a needless delivery that the receiving index drops, never a lost one."""
+    if len(value) > MAX_TOKEN:
+        return "~" + hashlib.blake2b(value.encode("utf-8"), digest_size=16).hexdigest()
     if _PLAIN.fullmatch(value):
         return value
     if not value:

@@ -30,6 +30,10 @@ class Bus(Protocol):
         other processes learn of it later, an awaitable that is done once they have: the
         subscription is active from then on (§5.2)."""
 
+    def activating(self, topic: Topic) -> Awaitable[None] | None:
+        """What `add_interest` returned for this key, while it is not done yet: a second
+        subscriber of the key is active no sooner than the first."""
+
     def remove_interest(self, topic: Topic) -> None:
         """This process no longer holds any subscription with this key."""
 
@@ -50,6 +54,9 @@ class LocalBus:
         self._deliver(topic, body)
 
     def add_interest(self, topic: Topic) -> None:
+        return None
+
+    def activating(self, topic: Topic) -> None:
         return None
 
     def remove_interest(self, topic: Topic) -> None:

@@ -83,7 +83,7 @@ class Events:
         the other processes know of it (await it before saying it is)."""
         first = not self.index.holds(topic)
         subscriber.subscriptions[topic] = self.index.add(subscriber, topic, body)
-        return self.bus.add_interest(topic) if first else None
+        return self.bus.add_interest(topic) if first else self.bus.activating(topic)
 
     def unsubscribe(self, subscriber: Subscriber, topic: Topic) -> bool:
         subscriber.subscriptions.pop(topic, None)

@@ -237,6 +237,8 @@ class Session:
         self.login_time = int(time.time() * 1000)
         self.seed_form = request.subclass is None
         events = service.events
+        held: list[bytes] = []  # what arrives before the answer waits for it (and the missed)
+        self.deliver = held.append
         activating = [events.subscribe(self, topic)
                       for topic in automatic_topics(service.name, user, session_id)]
         activating += [events.subscribe(self, subscription.topic, subscription.body)
@@ -244,6 +246,7 @@ class Session:
         for active in activating:  # in a cluster: the others know of them before the answer
             if active is not None:
                 await active
+        self.deliver = self.conn.send_event
         if self.conn.closed:
             return
         self.conn.logged_in()
@@ -251,7 +254,7 @@ class Session:
         if claim.resumed:
             answer["resumed"] = True
         self.conn.reply(request.tid, answer)
-        for event in claim.missed_events:  # before anything newer (§3.3)
+        for event in (*claim.missed_events, *held):  # the missed before anything newer (§3.3)
             self.conn.send_event(event)
         service.logic.session_start(self)
 
