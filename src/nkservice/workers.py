@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -37,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from nkservice.cluster.server import EmbeddedNats
+from nkservice.cluster.server import EmbeddedNats, die_with_parent
 from nkservice.errors import ConfigError, ServerError
 from nkservice.service.config import NodeConfig
 
@@ -135,7 +134,7 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._nats_task: asyncio.Task[None] | None = None
-        self._die_with_parent = _die_with_parent()
+        self._die_with_parent = die_with_parent()
 
     @property
     def stopping(self) -> bool:
@@ -358,23 +357,3 @@ def ready_signal(fd: int | None) -> Callable[[], None]:
             os.close(fd)
 
     return signal_ready
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec function asking Linux to SIGTERM the worker when the supervisor dies (and
-    to exit at once if it died already, between the fork and this call). The libc handle
-    is taken before the fork: the child only makes the calls."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec

@@ -21,6 +21,7 @@ import collections
 import contextlib
 import ctypes
 import logging
+import os
 import re
 import shutil
 import signal
@@ -93,7 +94,7 @@ class EmbeddedNats:
                 binary, *args,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
-                start_new_session=True, preexec_fn=_die_with_parent(),
+                start_new_session=True, preexec_fn=die_with_parent(),
             )
         except OSError as e:
             raise ServerError(f"cannot run the embedded NATS server {binary}: {e}") from e
@@ -197,17 +198,21 @@ def _parse(line: str) -> tuple[str, str]:
     return (match["level"], match["text"]) if match else ("", line)
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec function asking Linux to SIGTERM the child when its parent dies. The libc
-    handle is taken here, before the fork: the child only makes the one call."""
+def die_with_parent() -> Callable[[], None] | None:
+    """A preexec function asking Linux to SIGTERM the child when this process dies (and to
+    exit at once if it died already, between the fork and that call). The libc handle is
+    taken here, before the fork: the child only makes the calls."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
+    parent = os.getpid()
 
     def preexec() -> None:
         prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
 
     return preexec

@@ -10,6 +10,7 @@ naming the key within the definition (`listen`, `users.alice`, `tls`).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nkservice.errors import ApiError, ConfigError, ErrorCode
@@ -35,22 +36,23 @@ def refused(error: ConfigError, name: str) -> ApiError:
                     f"{key}: {error.why}")
 
 
-async def create(caller: Caller, request: Request) -> Any:
+async def _define(change: Callable[[str, dict[str, Any]], Awaitable[Any]],
+                  request: Request) -> Any:
+    """Create or update: `change(name, the definition's keys)`, its refusal said as such."""
     fields = request.fields
     name = _name(fields)
     try:
-        return await caller.service.directory.create_service(name, _definition(fields))
+        return await change(name, _definition(fields))
     except ConfigError as error:
         raise refused(error, name) from error
+
+
+async def create(caller: Caller, request: Request) -> Any:
+    return await _define(caller.service.directory.create_service, request)
 
 
 async def update(caller: Caller, request: Request) -> Any:
-    fields = request.fields
-    name = _name(fields)
-    try:
-        return await caller.service.directory.update_service(name, _definition(fields))
-    except ConfigError as error:
-        raise refused(error, name) from error
+    return await _define(caller.service.directory.update_service, request)
 
 
 async def stop(caller: Caller, request: Request) -> Any:
