@@ -87,8 +87,10 @@ def service(cert_files: dict[str, str], **overrides: Any) -> dict[str, Any]:
 
 NodeFactory = Callable[..., Awaitable[Node]]
 
-# The suites that run twice: on one process, and on two processes joined over NATS, the
-# clients of each test spread over both (PROTOCOL.md: a cluster behaves as one process).
+# The suites that run three times: on one process; on two nodes joined over a NATS server,
+# each on ports of its own; on a node of two workers sharing its ports (SO_REUSEPORT). The
+# clients of each test take turns between the two processes (PROTOCOL.md: a cluster
+# behaves as one process).
 CLUSTER_SUITES = {"tests.e2e.test_protocol_e2e", "tests.e2e.test_events_e2e",
                   "tests.e2e.test_sessions_e2e", "tests.e2e.test_callbacks_e2e"}
 # Each node's processes, for `url_of` to take turns (one process: itself).
@@ -98,7 +100,7 @@ _TURNS: dict[Node, int] = {}
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "make_node" in metafunc.fixturenames and metafunc.module.__name__ in CLUSTER_SUITES:
-        metafunc.parametrize("topology", ["one", "cluster"], indirect=True)
+        metafunc.parametrize("topology", ["one", "cluster", "workers"], indirect=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -107,7 +109,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         callspec = getattr(item, "callspec", None)
         if (item.get_closest_marker("one_process") and callspec is not None
-                and callspec.params.get("topology") == "cluster"):
+                and callspec.params.get("topology", "one") != "one"):
             item.add_marker(pytest.mark.skip(reason="relies on one process"))
 
 
@@ -121,30 +123,33 @@ def topology(request: pytest.FixtureRequest) -> str:
 async def make_node(cert_files: dict[str, str], tmp_path: Path,
                     topology: str) -> AsyncIterator[NodeFactory]:
     """Start a node whose services are given as {name: overrides of `service()`}; in the
-    `cluster` topology, two processes joined over a NATS server of the test's own (the node
-    returned is the first; `url_of` takes turns between them)."""
+    `cluster` and `workers` topologies, two processes joined over a NATS server of the
+    test's own (the node returned is the first; `connect` takes turns between them)."""
     nodes: list[Node] = []
     nats: EmbeddedNats | None = None
 
     async def start(**services: dict[str, Any]) -> Node:
         nonlocal nats
         cluster = ""
-        if topology == "cluster":
+        if topology != "one":
             if nats is None:
                 nats = EmbeddedNats(tmp_path / "nats")
                 await nats.start()
             cluster = nats.url
+        # Workers share numbered ports; other nodes take any free ones.
+        listen = {name: _numbered_urls() if topology == "workers" else ALL_URLS
+                  for name in ("core", *services)}
         processes = []
         for number in range(2 if cluster else 1):
             config = parse_node_config({
                 "node": {"data_dir": str(tmp_path / f"data{number}"), "cluster": cluster},
                 "admin": {"user": "admin", "password": "secret"},
-                "core": {"listen": ALL_URLS, "tls": {"certfile": cert_files["certfile"]},
-                         "ping_interval": 0},
-                "services": {name: service(cert_files, **over)
+                "core": {"listen": listen["core"], "ping_interval": 0,
+                         "tls": {"certfile": cert_files["certfile"]}},
+                "services": {name: service(cert_files, listen=listen[name], **over)
                              for name, over in services.items()},
             }, tmp_path)
-            node = Node(config)
+            node = Node(config, worker=topology == "workers")
             await node.start()
             nodes.append(node)
             processes.append(node)
@@ -162,6 +167,12 @@ async def make_node(cert_files: dict[str, str], tmp_path: Path,
         await nats.stop()
 
 
+def _numbered_urls() -> list[str]:
+    plain, secure = free_port(), free_port()
+    return [f"tcp://127.0.0.1:{plain}", f"ws://127.0.0.1:{plain}/",
+            f"tls://127.0.0.1:{secure}", f"wss://127.0.0.1:{secure}/"]
+
+
 async def _joined(processes: list[Node]) -> None:
     """Until each process knows the others (their first heartbeats)."""
     async with asyncio.timeout(10):
@@ -172,11 +183,33 @@ async def _joined(processes: list[Node]) -> None:
 
 def url_of(node: Node, service_name: str, transport: str) -> str:
     """The URL of a service: on a cluster, of each of its processes in turn."""
+    return next(u for u in next_process(node).urls(service_name)
+                if u.startswith(f"{transport}://"))
+
+
+def next_process(node: Node) -> Node:
+    """The process whose turn it is to take a client (one process: itself)."""
     processes = PROCESSES.get(node, [node])
     turn = _TURNS.get(node, 0)
     _TURNS[node] = turn + 1
-    target = processes[turn % len(processes)]
-    return next(u for u in target.urls(service_name) if u.startswith(f"{transport}://"))
+    return processes[turn % len(processes)]
+
+
+async def open_on(target: Node, service_name: str, transport: str,
+                  context: ssl.SSLContext) -> Peer:
+    """A peer of `target`. Workers share their ports and the kernel picks one for each
+    connection: connect until `target` has it (it answers a ping, so it is its by then)."""
+    url = next(u for u in target.urls(service_name) if u.startswith(f"{transport}://"))
+    if not target.worker:
+        return await Peer(url).connect(context)
+    for _ in range(64):
+        before = set(target.services[service_name].connections)
+        peer = await Peer(url).connect(context)
+        assert (await peer.request("core", "ping"))["result"] == "ok"
+        if set(target.services[service_name].connections) - before:
+            return peer
+        await peer.close()
+    raise AssertionError(f"64 connections, none to {target.cluster_state()}")
 
 
 PeerFactory = Callable[..., Awaitable[Peer]]
@@ -188,7 +221,7 @@ async def connect(client_tls: ssl.SSLContext) -> AsyncIterator[PeerFactory]:
     peers: list[Peer] = []
 
     async def open_peer(node: Node, service_name: str, transport: str) -> Peer:
-        peer = await Peer(url_of(node, service_name, transport)).connect(client_tls)
+        peer = await open_on(next_process(node), service_name, transport, client_tls)
         peers.append(peer)
         return peer
 
