@@ -1,9 +1,12 @@
 """nkservice benchmark: request round trips, memory per session, event fan-out,
 subscription matching (against bare servers built on the same libraries), what callbacks
-to external apps and Lua hooks cost, and services created at run time.
+to external apps and Lua hooks cost, services created at run time, and clusters (workers,
+the NATS bus, 100,000 idle sessions).
 
     .venv/bin/python bench/run.py [--quick]
-                                  [--only roundtrip|memory|fanout|matching|callbacks|services ...]
+                                  [--only roundtrip|memory|fanout|matching|callbacks|services
+                                          |cluster ...]
+                                  [--cluster-part workers|bus|idle ...]
                                   [--server NAME ...]
 
 Every server runs in its own process and the load generator in another, each pinned to its
@@ -25,6 +28,7 @@ from importlib import metadata
 from pathlib import Path
 
 import callbacks
+import cluster
 import fanout
 import matching
 import memory
@@ -44,7 +48,8 @@ from servers import (
     ServerSpec,
 )
 
-SECTIONS = ("roundtrip", "memory", "fanout", "matching", "callbacks", "services")
+SECTIONS = ("roundtrip", "memory", "fanout", "matching", "callbacks", "services", "cluster")
+CLUSTER_PARTS = ("workers", "bus", "idle")
 FULL_TIMING = roundtrip.Timing(warmup=1.0, duration=4.0, rounds=5)
 QUICK_TIMING = roundtrip.Timing(warmup=0.5, duration=1.5, rounds=1)
 FULL_COUNTS = [1000, 10000]
@@ -73,6 +78,11 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="short smoke run (under a minute)")
     parser.add_argument(
         "--only", action="append", choices=SECTIONS, help="run this section (repeatable)"
+    )
+    parser.add_argument(
+        "--cluster-part", action="append", choices=CLUSTER_PARTS,
+        help="cluster section: run only this part (repeatable): workers (1 against 2), bus"
+        " (on and off), idle (the idle sessions and the reconnect storm)",
     )
     parser.add_argument(
         "--server",
@@ -240,6 +250,49 @@ def _services_section(
     return churn_rows, node_rows, store_rows
 
 
+def _cluster_section(
+    ctx: RunContext, *, quick: bool, parts: tuple[str, ...]
+) -> cluster.ClusterResults:
+    timing = cluster.QUICK if quick else cluster.FULL
+    results = cluster.ClusterResults()
+    if "workers" in parts:
+        title = (
+            f"median of {timing.rounds} interleaved rounds; round trips each"
+            f" {timing.warmup:g} s warm-up + {timing.duration:g} s measured; 1 worker pinned"
+            " (load generator on the other core), 2 workers and their load generator unpinned"
+        )
+        print(f"## Workers: round trips and fan-out, 1 worker against 2 ({title})\n", flush=True)
+        results.rows += cluster.run_workers(ctx, timing)
+        print(cluster.workers_table([r for r in results.rows if r.part == "workers"]), flush=True)
+        print()
+    if "bus" in parts:
+        title = (
+            f"one worker on CPU 0 with the NATS server, load generator on CPU 1; median of"
+            f" {timing.rounds} interleaved rounds"
+        )
+        print(f"## The cluster bus on a one-worker node, on and off ({title})\n", flush=True)
+        results.rows += cluster.run_bus(ctx, timing)
+        print(cluster.bus_table([r for r in results.rows if r.part == "bus"]), flush=True)
+        print()
+    if "idle" in parts:
+        title = (
+            f"{timing.idle_sessions:,} sessions, {timing.idle_workers} workers, nothing pinned;"
+            f" admin `core ping` to every worker every 50 ms"
+        )
+        print(f"## Idle WebSocket sessions on one node, and a reconnect storm ({title})\n",
+              flush=True)
+        results.idle = cluster.run_idle(ctx, timing)
+        print(cluster.idle_table(results.idle), flush=True)
+        print()
+        print(cluster.memory_table(results.idle), flush=True)
+        print(f"\n(the idle part took {results.idle.wall_seconds:.0f} s)\n")
+    print("### Cluster targets\n")
+    print(cluster.targets_table(results), flush=True)
+    _print_failures(cluster.failures(results))
+    print()
+    return results
+
+
 def main() -> int:
     args = _parse_args()
     nofile = raise_nofile_limit()  # inherited by the servers and the load generator
@@ -260,6 +313,7 @@ def main() -> int:
     churn_rows: list[services.ChurnRow] = []
     node_rows: list[services.NodeRow] = []
     store_rows: list[services.StoreRow] = []
+    cluster_results = cluster.ClusterResults()
 
     if "roundtrip" in sections:
         timing = QUICK_TIMING if args.quick else FULL_TIMING
@@ -309,6 +363,11 @@ def main() -> int:
         churn_rows, node_rows, store_rows = _services_section(ctx, quick=args.quick)
         failed |= any(r.failure for r in (*churn_rows, *node_rows))
 
+    if "cluster" in sections and NKSERVICE in chosen:
+        parts = tuple(args.cluster_part or CLUSTER_PARTS)
+        cluster_results = _cluster_section(ctx, quick=args.quick, parts=parts)
+        failed |= bool(cluster.failures(cluster_results))
+
     # Every sample of every round, for a closer look than the medians in the tables.
     results = {
         "roundtrip": rows,
@@ -320,6 +379,7 @@ def main() -> int:
         "services_churn": churn_rows,
         "services_node": node_rows,
         "services_store": store_rows,
+        "cluster": cluster_results,
     }
     (ctx.log_dir / "results.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     problems = _log_problems(ctx.log_dir)

@@ -15,6 +15,7 @@ touched, and undone when a later step fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,8 @@ class Node:
         """Stop accepting, close every connection (telling it why), let the closes flush."""
         if self._watching is not None:
             self._watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # or NATS closed
+                await self._watching
         for listeners in self._listeners.values():
             listeners.close()
         for service in self.services.values():

@@ -14,6 +14,7 @@ A value longer than `MAX_TOKEN` is `~` and a hash of it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -40,6 +41,7 @@ def token(value: str) -> str:
                    for byte in value.encode("utf-8"))
 
 
+@functools.lru_cache(maxsize=65536)  # one topic is published again and again
 def event_subject(topic: Topic) -> str:
     return ".".join((EVENTS, token(topic.service), token(topic.class_), token(topic.subclass),
                      token(topic.type), token(topic.obj_id)))
