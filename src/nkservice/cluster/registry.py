@@ -41,7 +41,9 @@ class ClusterRegistry:
     """Implements `contracts.SessionRegistry` for one process of a cluster."""
 
     def __init__(self, local: LocalSessionRegistry, rpc: Rpc, *,
-                 question_timeout: float = 1.0) -> None:
+                 question_timeout: float = 3.0) -> None:
+        """`question_timeout`: how long the others may take to answer (a busy process
+        pauses; one that is gone is known within 3 s and no longer waited for)."""
         self.local = local
         self.rpc = rpc
         self.timeout = question_timeout
