@@ -31,7 +31,11 @@ async def start_node(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator
             "node": {"cluster": nats_server.url, "data_dir": str(tmp_path / f"d{len(nodes)}")},
             "admin": {"user": "admin", "password": "secret"},
             "core": {"listen": ["tcp://127.0.0.1:0"]},
+            # A test client answers events one at a time, and what NATS kept for the time
+            # it was away arrives at once: no slow-consumer limit should be what is tested.
             "services": {"demo": {"listen": ["tcp://127.0.0.1:0"], "ping_interval": 0,
+                                  "max_queue": 1_000_000, "max_queue_bytes": 1 << 30,
+                                  "max_unanswered_events": 1_000_000,
                                   "users": {"alice": "pw1", "bob": "pw2"},
                                   "admin": {"user": "boss", "password": "pw"}}},
         }, tmp_path)
