@@ -264,7 +264,8 @@ class GuardedProtocol(WSProtocol):  # type: ignore[misc]  # picows has no stubs 
 
 
 def server_protocol(route: ListenerFactory, max_frame_size: int,
-                    logger: logging.Logger) -> asyncio.BufferedProtocol:
+                    logger: logging.Logger | logging.LoggerAdapter[logging.Logger]
+                    ) -> asyncio.BufferedProtocol:
     """A server-side protocol for one connection: `route` picks the listener of an upgrade
     request (None: 404); data frames over `max_frame_size` go to `frame_too_large`.
 

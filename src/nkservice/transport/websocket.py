@@ -265,7 +265,9 @@ def websocket_protocol_factory(accept: Accept, scheme: str, paths: Collection[st
         path = request.path.split(b"?", 1)[0]
         return listener(accept, scheme) if path in wanted else None  # None → 404
 
-    server_log = logging.getLogger(PICOWS_LOGGER)
+    # An adapter, not the Logger itself: given a Logger, picows makes a child Logger for
+    # every connection (a handful of objects the garbage collector walks, per session).
+    server_log = logging.LoggerAdapter(logging.getLogger(PICOWS_LOGGER), {})
 
     def make() -> asyncio.BufferedProtocol:
         return server_protocol(route, max_message_size(), server_log)
