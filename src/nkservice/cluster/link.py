@@ -36,6 +36,7 @@ Handler = Callable[[bytes, bytes, bytes, bytes], None]
 
 NO_RESPONDERS = b"NATS/1.0 503"  # the status NATS sends to a request nobody listens for
 DEFAULT_MAX_PAYLOAD = 1024 * 1024  # what a server allows unless it says otherwise
+WRITE_AHEAD = 1024 * 1024  # bytes the socket may hold unsent before we wait for it
 
 
 class _Slot:
@@ -189,10 +190,22 @@ class NatsLink:
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Wake the client's flusher once for everything this turn of the loop queued."""
+        """Write everything this turn of the loop queued, at once; when the socket is
+        already behind, leave it to the client's flusher, which waits for it to drain."""
         self._flush_asked = False
-        queue = self.client._flush_queue
-        if self.client.is_connected and queue is not None and queue.empty():
+        client = self.client
+        if not client.is_connected or not client._pending:
+            return  # reconnecting: nats-py sends the buffer after its CONNECT
+        transport = client._transport
+        writer = getattr(transport, "_io_writer", None)  # a TCP connection's stream
+        if (transport is not None and writer is not None
+                and writer.transport.get_write_buffer_size() < WRITE_AHEAD):
+            transport.writelines(client._pending)
+            client._pending = []
+            client._pending_data_size = 0
+            return
+        queue = client._flush_queue
+        if queue is not None and queue.empty():
             assert self._loop is not None
             queue.put_nowait(self._loop.create_future())
 

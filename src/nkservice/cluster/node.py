@@ -21,6 +21,8 @@ from nkservice.cluster.rpc import Rpc
 
 log = logging.getLogger(__name__)
 
+STATE_EVERY = 0.5  # seconds an admin's ping may show an old membership count
+
 
 def process_id() -> str:
     """Unique per process run, and a valid NATS subject token."""
@@ -34,6 +36,8 @@ class Cluster:
         self.link = NatsLink(url, self.process, on_state=self._changed)
         self.rpc = Rpc(self.link, self.process)
         self.degraded_since: float | None = None
+        self._state: dict[str, object] | None = None
+        self._state_at = 0.0
         self._state_changed = asyncio.Event()
 
     async def start(self) -> None:
@@ -47,12 +51,19 @@ class Cluster:
 
     @property
     def state(self) -> dict[str, object]:
-        """For admins' `core/ping`: this process, and whether NATS is there."""
-        if self.degraded_since is None:
-            return {"process": self.process, "state": "connected",
-                    "members": 1 + len(self.rpc.members())}
-        return {"process": self.process, "state": "degraded",
-                "since": round(time.time() - (time.monotonic() - self.degraded_since), 3)}
+        """For admins' `core/ping`: this process, and whether NATS is there (worked out
+        at most every `STATE_EVERY` seconds or on a change: pings may come by the
+        thousand)."""
+        now = time.monotonic()
+        if self._state is None or now - self._state_at > STATE_EVERY:
+            if self.degraded_since is None:
+                self._state = {"process": self.process, "state": "connected",
+                               "members": 1 + len(self.rpc.members())}
+            else:
+                self._state = {"process": self.process, "state": "degraded",
+                               "since": round(time.time() - (now - self.degraded_since), 3)}
+            self._state_at = now
+        return self._state
 
     async def until(self, *, connected: bool) -> None:
         """Until NATS is there (or away): for tests and for whoever must wait for it."""
@@ -62,6 +73,7 @@ class Cluster:
 
     def _changed(self, up: bool) -> None:
         self._state_changed.set()
+        self._state = None
         if not up:
             self.rpc.lost_connection()
         if up:
