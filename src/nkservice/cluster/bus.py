@@ -81,8 +81,8 @@ class NatsBus:
 
     def _received(self, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         origin, sequence, service, class_, subclass, type_, obj_id, body = orjson.loads(data)
-        if origin == self._origin or sequence <= self._last_seen.get(origin, 0):
-            return  # delivered here when published, or through another matching key
+        if sequence <= self._last_seen.get(origin, 0):
+            return  # delivered already, through another matching key
         self._last_seen[origin] = sequence
         assert self._deliver is not None
         self._deliver(Topic(service, class_, subclass, type_, obj_id), body)

@@ -116,8 +116,6 @@ class ClusterCallbacks:
     def _heard(self, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         told = orjson.loads(data)
         process = told["p"]
-        if process == self._rpc.process:
-            return
         key = CallbackKey(*told["k"])
         holders = self._elsewhere.setdefault(key, {})
         if told["t"]:

@@ -113,7 +113,8 @@ class NatsLink:
         servers = [url.strip() for url in self.url.split(",") if url.strip()]
         try:
             await self.client.connect(
-                servers, name=self.name, connect_timeout=2, no_echo=True,  # ours: seen here
+                # no_echo: NATS never brings a process its own messages (it has seen them).
+                servers, name=self.name, connect_timeout=2, no_echo=True,
                 allow_reconnect=True, max_reconnect_attempts=attempts,
                 reconnect_time_wait=0.5,  # type: ignore[arg-type]  # seconds: a float works
                 disconnected_cb=self._state(False), reconnected_cb=self._state(True),
@@ -196,18 +197,22 @@ class NatsLink:
         client = self.client
         if not client.is_connected or not client._pending:
             return  # reconnecting: nats-py sends the buffer after its CONNECT
-        transport = client._transport
-        writer = getattr(transport, "_io_writer", None)  # a TCP connection's stream
-        if (transport is not None and writer is not None
-                and writer.transport.get_write_buffer_size() < WRITE_AHEAD):
-            transport.writelines(client._pending)
-            client._pending = []
-            client._pending_data_size = 0
+        writer = getattr(client._transport, "_io_writer", None)  # a TCP connection's stream
+        if writer is not None and writer.transport.get_write_buffer_size() < WRITE_AHEAD:
+            self._write_pending()
             return
         queue = client._flush_queue
         if queue is not None and queue.empty():
             assert self._loop is not None
             queue.put_nowait(self._loop.create_future())
+
+    def _write_pending(self) -> None:
+        """Hand what is queued to the socket now (connected only)."""
+        client = self.client
+        if client._pending_data_size and client._transport is not None:
+            client._transport.writelines(client._pending)
+            client._pending = []
+            client._pending_data_size = 0
 
     def confirm(self) -> asyncio.Future[None] | None:
         """A future done once NATS has taken everything sent so far (its answer to a PING
@@ -228,10 +233,7 @@ class NatsLink:
         try:
             if not client.is_connected:
                 return  # reconnecting: nats-py sends the buffer after its CONNECT
-            if client._pending_data_size and client._transport is not None:
-                client._transport.writelines(client._pending)  # before the PING, in order
-                client._pending = []
-                client._pending_data_size = 0
+            self._write_pending()  # before the PING, in order
             await client.flush(timeout=5)
         except Exception as error:  # NATS went away meanwhile: degraded, nothing to wait for
             log.debug("NATS: no answer to a PING: %s", error)

@@ -159,8 +159,6 @@ class Rpc:
 
     def _heard(self, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         process = data.decode()
-        if process == self.process:
-            return
         known = process in self._members
         self._members[process] = time.monotonic()
         if not known:
@@ -182,13 +180,7 @@ class Rpc:
 
     def _served(self, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         request = orjson.loads(data)
-        if request.get("from") == self.process and subject == ALL.encode():
-            return  # our own broadcast
-        self.handle(request, reply, self._handlers.get(request.get("op")))
-
-    def handle(self, request: dict[str, Any], reply: bytes, handler: Handler | None) -> None:
-        """Run `handler` for a request that came with `reply` (a subscription of one's own
-        may serve requests too: see `cluster/callbacks.py`)."""
+        handler = self._handlers.get(request.get("op"))
         answer = Reply(self.link, reply.decode())
         if handler is None:
             answer.error(ApiError(ErrorCode.not_implemented, str(request.get("op"))))
@@ -204,14 +196,12 @@ class Rpc:
     # -- asking ------------------------------------------------------------------------------
 
     async def ask(self, process: str, operation: str, data: dict[str, Any], *,
-                  timeout: float, on_ack: Callable[[], None] | None = None,
-                  subject: str | None = None) -> Any:
+                  timeout: float, on_ack: Callable[[], None] | None = None) -> Any:
         """The answer of `process` (an `ApiError` it answered is raised here); `Gone` when
-        the process is not there; `ApiError(timeout)` after `timeout` (each ack restarts
-        nothing: the caller's own deadline rules). `subject`: ask whoever listens there
-        instead (a queue group: one of them)."""
-        answers = await self._call(subject or f"nks.p.{process}", operation, data, 1,
-                                   timeout, on_ack, None if subject else process)
+        the process is not there, or goes; `ApiError(timeout)` after `timeout` (each ack
+        restarts nothing: the caller's own deadline rules)."""
+        answers = await self._call(f"nks.p.{process}", operation, data, 1, timeout, on_ack,
+                                   process)
         if not answers:
             raise ApiError(ErrorCode.timeout)
         return _result(answers[0])
