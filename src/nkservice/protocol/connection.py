@@ -148,6 +148,7 @@ class Connection:
         "_wake",
         "_wire",
         "closed",
+        "end_reason",
         "handler",
         "limits",
     )
@@ -157,6 +158,7 @@ class Connection:
         self.limits = limits
         self.handler = handler
         self.closed = False
+        self.end_reason: str | None = None  # why this side ended it (None: the peer left)
         self._wire = wire
         self._clock = clock
         self._next_tid = 1
@@ -387,6 +389,7 @@ class Connection:
         client fails."""
         if not self.closed:
             self._end_error = waiters_get
+            self.end_reason = reason
             self._wire.close(Goodbye(code, reason))
             self.lost()
 
