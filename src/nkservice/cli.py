@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
 import uvloop
+from pythonjsonlogger.json import JsonFormatter
 
 from nkservice import __version__
 from nkservice.errors import ApiError, ConfigError, ServerError
@@ -289,19 +290,14 @@ def _seconds(text: str) -> float:
 # -- serve -----------------------------------------------------------------------------------
 
 def _serve(args: argparse.Namespace) -> int:
-    level: str = args.log_level
     worker: int | None = args.worker
-    who = "" if worker is None else f"[worker {worker} pid {os.getpid()}] "
-    logging.basicConfig(level=level.upper(), format=f"%(asctime)s %(levelname)s {who}"
-                                                    "%(name)s: %(message)s")
-    if level != "debug":  # picows says INFO at every connect and disconnect: noise at scale
-        logging.getLogger(PICOWS_LOGGER).setLevel(logging.WARNING)
     try:
         config = load_config(args.config)
         workers = 1 if worker is not None else args.workers or config.workers
         check_workers(config, workers)
     except ConfigError as exc:
         raise _Failure(f"bad config: {exc}", 2) from None
+    _configure_logging(args.log_level, config.log_format, worker)
     if worker is not None:
         if not args.cluster:
             raise _Failure("--worker needs --cluster URL", 2)
@@ -321,6 +317,23 @@ def _serve(args: argparse.Namespace) -> int:
         first_line = str(exc).partition("\n")[0]
         raise _Failure(f"cannot start: {first_line}") from None
     return 0
+
+
+def _configure_logging(level: str, log_format: str, worker: int | None) -> None:
+    """The node's log on stderr: text lines, or one JSON object per line (`log_format`)."""
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(message)s",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            static_fields={"pid": os.getpid(), **({} if worker is None else {"worker": worker})}))
+    else:
+        who = "" if worker is None else f"[worker {worker} pid {os.getpid()}] "
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {who}"
+                                               "%(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+    if level != "debug":  # picows says INFO at every connect and disconnect: noise at scale
+        logging.getLogger(PICOWS_LOGGER).setLevel(logging.WARNING)
 
 
 def _supervise(config: NodeConfig, workers: int, args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from nkservice.errors import ConfigError
 from nkservice.protocol.connection import Limits
 from nkservice.service.config import ListenUrl, ServiceConfig, TlsConfig
 from nkservice.transport.base import Accept
+from nkservice.transport.http import Site
 from nkservice.transport.listener import listen
 
 log = logging.getLogger(__name__)
@@ -94,12 +95,14 @@ class ServiceListeners:
     a change of `max_message_size` or `login_timeout` needs no new socket."""
 
     def __init__(self, service: str, accept: Accept, limits: Callable[[], Limits], *,
-                 shared: bool = False) -> None:
-        """`shared`: the node's other workers listen on the same ports (SO_REUSEPORT)."""
+                 shared: bool = False, site: Site | None = None) -> None:
+        """`shared`: the node's other workers listen on the same ports (SO_REUSEPORT).
+        `site`: answers the plain HTTP requests of its WebSocket listeners."""
         self.service = service
         self._accept = accept
         self._limits = limits
         self._shared = shared
+        self._site = site
         self._bound: dict[Address, _Bound] = {}
 
     def urls(self) -> list[str]:
@@ -192,7 +195,8 @@ class ServiceListeners:
         return await listen(self._accept, port.host, number,
                             lines=any(not url.is_websocket for url in port.urls),
                             websocket_paths={url.path for url in port.urls if url.is_websocket},
-                            tls=tls, limits=self._limits, shared=self._shared)
+                            tls=tls, limits=self._limits, shared=self._shared,
+                            site=self._site)
 
     def close(self) -> None:
         """Stop accepting (the connections already accepted are the service's to close)."""

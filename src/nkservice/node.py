@@ -17,6 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,7 @@ from nkservice.events.bus import Bus, LocalBus
 from nkservice.events.fanout import Events
 from nkservice.events.index import Topic
 from nkservice.listeners import ServiceListeners, ports_of
+from nkservice.metrics import Labels, Metrics, merge, render
 from nkservice.plugins.loader import plugin_links
 from nkservice.plugins.lua import LuaLogic
 from nkservice.service.callbacks import LocalCallbacks
@@ -47,6 +53,8 @@ from nkservice.service.logic import Link
 from nkservice.service.registry import LocalSessionRegistry
 from nkservice.service.service import Service
 from nkservice.service.store import FileServiceStore, ServiceStore
+from nkservice.site import NodeSite
+from nkservice.transport.http import listen_http
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +74,26 @@ class Node:
         self.cluster = Cluster(config.cluster) if config.cluster else None
         self.bus: Bus = (NatsBus(self.cluster.link, self.cluster.process) if self.cluster
                          else LocalBus())
-        self.events = Events(self.bus)
+        self.metrics = Metrics(self._gauges)
+        self.events = Events(self.bus, self.metrics)
         local = LocalSessionRegistry(self.events)
         self.registry: SessionRegistry = (ClusterRegistry(local, self.cluster.rpc)
                                           if self.cluster else local)
-        self.cluster_callbacks = (ClusterCallbacks(LocalCallbacks(), self.cluster.link,
-                                                   self.cluster.rpc) if self.cluster else None)
-        self.callbacks: CallbackRegistry = self.cluster_callbacks or LocalCallbacks()
+        self.cluster_callbacks = (ClusterCallbacks(LocalCallbacks(self.metrics),
+                                                   self.cluster.link, self.cluster.rpc)
+                                  if self.cluster else None)
+        self.callbacks: CallbackRegistry = (self.cluster_callbacks
+                                            or LocalCallbacks(self.metrics))
+        # A scrape adds up the processes of this node: the workers of one supervisor.
+        self.node_id = (f"{socket.gethostname()}-{os.getppid()}" if worker
+                        else self.cluster.process if self.cluster else "")
+        http = config.http
+        self._core_site = (NodeSite(self, http, dashboard=http.dashboard,
+                                    operations=http.metrics == "core")
+                           if http.dashboard or http.metrics == "core" else None)
+        self._operations: asyncio.Server | None = None  # [http] metrics = "http://…"
+        self._started_at = time.monotonic()
+        self._ready = False
         self.store: ServiceStore = store or FileServiceStore(config.data_dir / "services")
         self._own_store = store is None
         self._watching: asyncio.Task[None] | None = None
@@ -107,6 +128,8 @@ class Node:
             await self.cluster.start()
             assert self.cluster_callbacks is not None
             self.cluster_callbacks.start()
+            self.cluster.rpc.serve("metrics", lambda request, reply: reply.ok(
+                {"node": self.node_id, "m": self.metrics.snapshot()}))
             if self._own_store:  # the cluster's services are where every process sees them
                 self.store = shared = KvServiceStore(self.cluster.link.client)
         try:
@@ -117,9 +140,27 @@ class Node:
                     shared.watch(self._stored_elsewhere))
             async with self._changing:  # what the watch brings waits for the load
                 await self._start_stored()
+            await self._listen_operations()
         except BaseException:
             await self.stop()
             raise
+        self._ready = True
+
+    async def _listen_operations(self) -> None:
+        """`[http] metrics = "http://HOST:PORT"`: metrics and health on a socket of their own."""
+        where = self.config.http.metrics
+        if not isinstance(where, tuple):
+            return
+        host, port = where
+        site = NodeSite(self, self.config.http, dashboard=False, operations=True)
+        try:
+            self._operations = await listen_http(site, host, port, shared=self.worker)
+        except OSError as exc:
+            why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+            raise ConfigError("http.metrics", f"cannot listen on {host}:{port}: {why}"
+                              ) from exc
+        log.info("metrics and health on http://%s:%d/metrics", host,
+                 self._operations.sockets[0].getsockname()[1])
 
     async def _start_stored(self) -> None:
         for name, table in (await self.store.load()).items():
@@ -140,7 +181,8 @@ class Node:
         self._check_ports_free(definition)
         service = Service(definition, self, await _logic(definition))
         listeners = ServiceListeners(name, service.accept, lambda: service.config.limits,
-                                     shared=self.worker)
+                                     shared=self.worker,
+                                     site=self._core_site if name == "core" else None)
         await service.start()
         try:
             listeners.commit(await listeners.change(definition))
@@ -161,8 +203,17 @@ class Node:
         listeners = self._listeners.get(service)
         return listeners.urls() if listeners is not None else []
 
+    def operations_port(self) -> int | None:
+        """The port of `[http] metrics = "http://…"` as bound (port 0 → the real one)."""
+        if self._operations is None:
+            return None
+        return int(self._operations.sockets[0].getsockname()[1])
+
     async def stop(self) -> None:
         """Stop accepting, close every connection (telling it why), let the closes flush."""
+        self._ready = False
+        if self._operations is not None:
+            self._operations.close()
         if self._watching is not None:
             self._watching.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):  # or NATS closed
@@ -259,6 +310,40 @@ class Node:
         if service is None:
             raise ApiError(ErrorCode.service_not_found, name)
         return public_definition(service.config)
+
+    # -- NodeStatus: what /metrics, /healthz and /readyz say -------------------------------
+
+    async def scrape(self) -> bytes:
+        snapshots = [self.metrics.snapshot()]
+        if self.cluster is not None:
+            snapshots += [answer["m"] for answer in await self.cluster.rpc.gather("metrics", {})
+                          if isinstance(answer, dict) and answer.get("node") == self.node_id]
+        return render(merge(snapshots))
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "pid": os.getpid(),
+                "uptime": round(time.monotonic() - self._started_at, 3)}
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready: started, every service listening, and in a cluster NATS connected or the
+        process serving on its own meanwhile (degraded)."""
+        listening = {name: self.urls(name) for name in self.services}
+        ready = self._ready and all(listening.values())
+        return ready, {"ready": ready, "services": listening,
+                       "cluster": self.cluster_state()}
+
+    def _gauges(self) -> Iterator[tuple[str, Labels, float]]:
+        """What a snapshot reads as it is now."""
+        for name, service in self.services.items():
+            transports = Counter(caller.transport for caller in service.connections)
+            for transport, count in transports.items():
+                yield "nkservice_connections", (name, transport), count
+            yield "nkservice_sessions", (name,), sum(
+                1 for caller in service.connections if caller.session_id)
+            lua = sum(link.seconds for link in service.logic.links
+                      if isinstance(link, LuaLogic))
+            if lua:
+                yield "nkservice_lua_seconds", (name,), lua
 
     # -- the other processes of a cluster ----------------------------------------------------
 

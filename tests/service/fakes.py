@@ -11,6 +11,7 @@ from typing import Any
 from nkservice.errors import ApiError, ErrorCode
 from nkservice.events.bus import LocalBus
 from nkservice.events.fanout import Events
+from nkservice.metrics import Metrics
 from nkservice.protocol.connection import Goodbye
 from nkservice.service.callbacks import LocalCallbacks
 from nkservice.service.config import Credentials, parse_service
@@ -54,6 +55,7 @@ class FakeNode:
         self.events = Events(LocalBus())
         self.registry: SessionRegistry = LocalSessionRegistry(self.events)
         self.callbacks: CallbackRegistry = LocalCallbacks()
+        self.metrics = Metrics()
         self.services: dict[str, Service] = {}
 
     def find_service(self, name: str) -> ServiceContext | None:

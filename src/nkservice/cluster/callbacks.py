@@ -213,6 +213,8 @@ class ClusterCallbacks:
                 why = error.text if isinstance(error, ApiError) else "its process is gone"
                 log.warning("callback %s of %s: an app failed (%s)%s", cmd, key.service, why,
                             "; trying another" if len(tried) < 2 else "")
+                if len(tried) < 2:
+                    self.local.metrics.count("nkservice_callback_failovers", (key.kind,))
         return decide(answer)
 
     async def _ask_ours(self, key: CallbackKey, number: int, cmd: str, data: Any,

@@ -223,7 +223,8 @@ class ClusterRegistry:
 
 
 def _info_to_wire(info: SessionInfo) -> dict[str, Any]:
-    return {"session_id": info.session_id, "user": info.user, **info.describe()}
+    return {"session_id": info.session_id, "user": info.user, **info.describe(),
+            "subscriptions": info.subscriptions}
 
 
 def _claim_to_wire(claim: Claim) -> dict[str, Any]:

@@ -71,10 +71,27 @@ def encode_event(topic: Topic, body: Any, *, with_service: bool, with_obj: bool)
     return orjson.dumps(data)
 
 
+class EventCounts(Protocol):
+    """Who counts events (the node's metrics)."""
+
+    def published(self, service: str) -> None: ...
+
+    def delivered(self, service: str, receivers: int) -> None: ...
+
+
+class _Uncounted:
+    def published(self, service: str) -> None:
+        pass
+
+    def delivered(self, service: str, receivers: int) -> None:
+        pass
+
+
 class Events:
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, counts: EventCounts | None = None) -> None:
         self.index: SubscriptionIndex[Subscriber] = SubscriptionIndex()
         self.bus = bus
+        self.counts = counts or _Uncounted()
         bus.on_event(self.deliver)
 
     def subscribe(self, subscriber: Subscriber, topic: Topic, body: Any = None
@@ -112,11 +129,15 @@ class Events:
             self.unsubscribe(subscriber, topic)
 
     def publish(self, topic: Topic, body: Any = None) -> None:
+        self.counts.published(topic.service)
         self.bus.publish(topic, body)
 
     def deliver(self, topic: Topic, body: Any) -> None:
         """Write an event to every matching local subscriber, once each."""
         matches = self.index.match(topic)
+        if not matches:
+            return
+        self.counts.delivered(topic.service, len(matches))
         encoded: dict[tuple[int, bool, bool], bytes] = {}
         for subscriber, subscription in matches.items():
             sub_body = subscription.body

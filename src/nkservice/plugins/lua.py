@@ -332,6 +332,7 @@ class LuaState:
     def __init__(self, source: str, *, where: str, timeout: float, memory: int,
                  log: logging.Logger) -> None:
         self.log = log
+        self.seconds = 0.0  # spent in the script's calls (only its thread writes it)
         self._deadline = 0.0  # past between calls: a finalizer that loops stops at once
         try:
             self._runtime = lua54.LuaRuntime(
@@ -363,6 +364,7 @@ class LuaState:
         if time.monotonic() >= deadline:  # its turn came too late
             raise LuaFailure("late", "its time was up before its turn")
         self._deadline = deadline
+        started = time.perf_counter()
         try:
             status, detail = self._call(hook, self._to_lua(req))
         except lua54.LuaMemoryError as error:  # out of memory outside the script itself
@@ -371,6 +373,7 @@ class LuaState:
             raise LuaFailure("error", str(error)) from None
         finally:
             self._deadline = 0.0
+            self.seconds += time.perf_counter() - started
         if status == "ok":
             return orjson.loads(detail)
         if status == "missing":
@@ -501,6 +504,11 @@ class LuaLogic(Link):
         self.defined = self._state.defined
         self._worker = _Worker(f"nkservice-lua-{name}")
         self._finalizer = weakref.finalize(self, self._worker.stop)
+
+    @property
+    def seconds(self) -> float:
+        """Time spent in the script's calls so far (for /metrics)."""
+        return self._state.seconds
 
     def stop(self) -> None:
         """The service stopped: end the script's thread (every hook passes from now on)."""

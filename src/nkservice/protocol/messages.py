@@ -25,6 +25,7 @@ class Request:
     tid: Tid
     subclass: str | None = None
     data: Any = None
+    received: float = 0.0  # set by whoever times its answer (the server: perf_counter())
 
     @property
     def fields(self) -> JsonObject:

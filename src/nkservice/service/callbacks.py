@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from time import perf_counter
 from typing import Any
 
 from nkservice.errors import ApiError, ErrorCode
 from nkservice.events.index import Topic
+from nkservice.metrics import Metrics
 from nkservice.protocol.messages import Request, Response
 from nkservice.service.contracts import (
     CONTINUE,
@@ -43,9 +45,10 @@ CALLBACK_SUBCLASS = "callback"
 class LocalCallbacks:
     """The `CallbackRegistry` of one process."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
         self._apps: dict[CallbackKey, list[Caller]] = {}
         self._turn: dict[CallbackKey, int] = {}
+        self.metrics = metrics or Metrics()  # failovers are counted here
 
     def register(self, key: CallbackKey, app: Caller) -> None:
         apps = self._apps.setdefault(key, [])
@@ -157,6 +160,8 @@ class _Relay:
         log.warning("callback %s of %s: app %s failed (%s)%s", self._cmd, self._key.service,
                     self.tried[-1].session_id, error.text,
                     "; trying another" if len(self.tried) < 2 else "")
+        if len(self.tried) < 2:
+            self._callbacks.metrics.count("nkservice_callback_failovers", (self._key.kind,))
         self.ask_next()
 
 
@@ -195,9 +200,10 @@ class CallbackLink(Link):
 
     core_requests = False  # `cmd` callbacks are for the classes of apps
 
-    def __init__(self, service: str, callbacks: CallbackRegistry) -> None:
+    def __init__(self, service: str, callbacks: CallbackRegistry, metrics: Metrics) -> None:
         self._service = service
         self._callbacks = callbacks
+        self._metrics = metrics
         self._login = CallbackKey(service, "login")
         self._subscribe = CallbackKey(service, "subscribe")
 
@@ -207,8 +213,8 @@ class CallbackLink(Link):
         return self._ask_login(attempt)
 
     async def _ask_login(self, attempt: LoginAttempt) -> LoginDecision | Continue:
-        answer = await self._callbacks.call(self._login, "api_server_login",
-                                            login_data(attempt), on_ack=attempt.ack)
+        answer = await self._call(self._login, "api_server_login", login_data(attempt),
+                                  on_ack=attempt.ack)
         if answer is None:
             return CONTINUE  # no app left: the next step decides
         authorized, fields = _authorized(answer, f"the login of {attempt.user!r}")
@@ -230,7 +236,7 @@ class CallbackLink(Link):
         return self._ask_subscribe(caller, topic)
 
     async def _ask_subscribe(self, caller: Caller, topic: Topic) -> Continue | None:
-        answer = await self._callbacks.call(self._subscribe, "api_server_subscribe", {
+        answer = await self._call(self._subscribe, "api_server_subscribe", {
             **caller_data(caller), "subscription": subscription_data(topic)})
         if answer is None:
             return CONTINUE  # no app left: allowed
@@ -245,7 +251,7 @@ class CallbackLink(Link):
             return CONTINUE
         # Asked at once and answered from a future's callback: no task per request, and the
         # request to the app goes out with the rest of what this read produced.
-        return self._callbacks.call(
+        return self._call(
             key, "api_server_cmd", {**caller_data(caller), "request": request_data(request)},
             on_ack=lambda: caller.conn.ack(request.tid), decide=_command_answer)
 
@@ -261,5 +267,16 @@ class CallbackLink(Link):
                           request: Request) -> Continue:
         data = {**caller_data(caller), "event": event_data(request)}
         for key in keys:
-            await self._callbacks.call(key, "api_server_event", data)
+            await self._call(key, "api_server_event", data)
         return CONTINUE  # plugins and Lua above have seen it; nothing below wants it
+
+    def _call(self, key: CallbackKey, cmd: str, data: Any, *,
+              on_ack: Callable[[], None] | None = None,
+              decide: Callable[[Response | None], Any] = lambda answer: answer
+              ) -> asyncio.Future[Any]:
+        """Fire a callback, timing it until it is decided (failover included)."""
+        started = perf_counter()
+        decided = self._callbacks.call(key, cmd, data, on_ack=on_ack, decide=decide)
+        decided.add_done_callback(lambda _: self._metrics.observe(
+            "nkservice_callback_duration_seconds", (key.kind,), perf_counter() - started))
+        return decided

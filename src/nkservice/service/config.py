@@ -98,6 +98,18 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """`[http]`: what the node serves over plain HTTP (docs/operations.md)."""
+
+    dashboard: bool = True  # GET / on the core service's WebSocket listeners
+    # Where /metrics, /healthz and /readyz are: "core" (the core service's WebSocket
+    # listeners), a listener of their own (host, port), or nowhere (None).
+    metrics: str | tuple[str, int] | None = "core"
+    public: bool = False  # they may answer on a listener that is not loopback
+    token: str = ""  # if set, they need "Authorization: Bearer <token>"
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     admin: Credentials
     core: ServiceConfig
@@ -105,6 +117,8 @@ class NodeConfig:
     data_dir: Path = Path(".nkservice")
     workers: int = 1
     cluster: str = ""
+    log_format: str = "text"  # or "json": one JSON object per line
+    http: HttpConfig = HttpConfig()
     base_dir: Path = Path(".")  # relative file names (scripts, TLS files) start here
 
     @property
@@ -136,9 +150,12 @@ def config_warnings(config: NodeConfig) -> list[str]:
 
 
 def parse_node_config(table: dict[str, Any], base_dir: Path) -> NodeConfig:
-    _known(table, "", {"node", "admin", "core", "services"})
+    _known(table, "", {"node", "admin", "core", "services", "http"})
     node = _table(table, "node")
-    _known(node, "node.", {"data_dir", "workers", "cluster"})
+    _known(node, "node.", {"data_dir", "workers", "cluster", "log_format"})
+    log_format = _get(node, "node.log_format", str, "text")
+    if log_format not in ("text", "json"):
+        raise ConfigError("node.log_format", f"{log_format!r}: expected 'text' or 'json'")
     admin = _table(table, "admin")
     _known(admin, "admin.", {"user", "password"})
     core = {"listen": list(DEFAULT_CORE_LISTEN), **_table(table, "core")}
@@ -160,8 +177,30 @@ def parse_node_config(table: dict[str, Any], base_dir: Path) -> NodeConfig:
         data_dir=data_dir if data_dir.is_absolute() else base_dir / data_dir,
         workers=_get(node, "node.workers", int, 1),
         cluster=_cluster_url(_get(node, "node.cluster", str, "")),
+        log_format=log_format,
+        http=_http(_table(table, "http")),
         base_dir=base_dir,
     )
+
+
+def _http(table: dict[str, Any]) -> HttpConfig:
+    _known(table, "http.", {"dashboard", "metrics", "public", "token"})
+    where = _get(table, "http.metrics", str, "core")
+    metrics: str | tuple[str, int] | None = where if where == "core" else None
+    if where not in ("core", ""):
+        parts = urlsplit(where)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme != "http" or not parts.hostname or port is None or parts.path not in (
+                "", "/"):
+            raise ConfigError("http.metrics", f"{where!r}: expected \"core\", \"\" or "
+                              "http://HOST:PORT")
+        metrics = (parts.hostname, port)
+    return HttpConfig(dashboard=_get(table, "http.dashboard", bool, True), metrics=metrics,
+                      public=_get(table, "http.public", bool, False),
+                      token=_get(table, "http.token", str, ""))
 
 
 _LIMIT_KEYS = {f.name for f in fields(Limits)}

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, Protocol, TypeAlias, TypeVar
 
 from nkservice.events.fanout import Events, Subscriber
 from nkservice.events.index import Subscription, Topic
+from nkservice.metrics import Metrics
 from nkservice.protocol.connection import CloseCode, Connection
 from nkservice.protocol.messages import Request, Response
 from nkservice.service.config import Credentials, ServiceConfig
@@ -167,6 +168,10 @@ class Directory(Protocol):
     @property
     def callbacks(self) -> CallbackRegistry: ...
 
+    @property
+    def metrics(self) -> Metrics:
+        """This process's numbers, for /metrics."""
+
     def find_service(self, name: str) -> ServiceContext | None: ...
 
     def cluster_state(self) -> dict[str, Any] | None:
@@ -203,6 +208,8 @@ class SessionInfo:
     transport: str
     meta: Any
     login_time: int
+    # As `event`/`get_subscriptions` lists them (for an admin asking about the session).
+    subscriptions: list[dict[str, Any]] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
         return {"remote": self.remote, "transport": self.transport, "meta": self.meta,
@@ -264,6 +271,16 @@ def caller_data(caller: Caller) -> dict[str, Any]:
     """Who asks: the start of the subscribe, cmd and event data."""
     return {"service": caller.service.name, "user": caller.user,
             "session_id": caller.session_id}
+
+
+def subscriptions_of(caller: Caller) -> list[dict[str, Any]]:
+    """A session's subscriptions, as `event`/`get_subscriptions` answers (§6)."""
+    return [
+        {"class": topic.class_, "subclass": topic.subclass, "type": topic.type,
+         "obj_id": topic.obj_id, "service": topic.service,
+         "body": {} if subscription.body is None else subscription.body}
+        for topic, subscription in caller.subscriptions.items()
+    ]
 
 
 def subscription_data(topic: Topic) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 from nkservice.errors import ApiError, ErrorCode
 from nkservice.events.index import WILDCARD, Topic
 from nkservice.protocol.messages import Request
-from nkservice.service.contracts import Caller
+from nkservice.service.contracts import Caller, subscriptions_of
 from nkservice.service.logic import settled
 from nkservice.service.permissions import Role, granted
 from nkservice.service.requests import Command, optional, required, target_service
@@ -78,12 +78,21 @@ def unsubscribe(caller: Caller, request: Request) -> Any:
 
 
 def get_subscriptions(caller: Caller, request: Request) -> Any:
-    return [
-        {"class": topic.class_, "subclass": topic.subclass, "type": topic.type,
-         "obj_id": topic.obj_id, "service": topic.service,
-         "body": {} if subscription.body is None else subscription.body}
-        for topic, subscription in caller.subscriptions.items()
-    ]
+    """The caller's own; an admin may name another session (`session_id`, and `service`)."""
+    if "session_id" not in request.fields:
+        return subscriptions_of(caller)
+    return _subscriptions_of_session(caller, request.fields)
+
+
+async def _subscriptions_of_session(caller: Caller, fields: dict[str, Any]) -> Any:
+    if caller.role is Role.user:
+        raise ApiError(ErrorCode.unauthorized, "only admins see other sessions")
+    session_id = required(fields, "session_id", str)
+    service = target_service(caller, fields)
+    found = await service.registry.find(service.name, session_id)
+    if found is None:
+        raise ApiError(ErrorCode.session_not_found)
+    return found.subscriptions
 
 
 def send(caller: Caller, request: Request) -> Any:

@@ -15,7 +15,7 @@ from nkservice.errors import ApiError, ErrorCode
 from nkservice.events.fanout import Events
 from nkservice.events.index import Subscription
 from nkservice.protocol.messages import Response
-from nkservice.service.contracts import Caller, Claim, SessionInfo
+from nkservice.service.contracts import Caller, Claim, SessionInfo, subscriptions_of
 from nkservice.service.resume import ParkedSession
 from nkservice.service.waiters import FutureWaiter
 
@@ -31,7 +31,7 @@ class _Book:
 
 def _info(session: Caller) -> SessionInfo:
     return SessionInfo(session.session_id, session.user, session.remote, session.transport,
-                       session.meta, session.login_time)
+                       session.meta, session.login_time, subscriptions_of(session))
 
 
 class LocalSessionRegistry:

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from nkservice.metrics import disconnect_reason
 from nkservice.protocol.connection import CloseCode, Connection, Wire
 from nkservice.service.callbacks import CallbackLink
 from nkservice.service.config import ServiceConfig
@@ -45,7 +46,7 @@ class Service:
         is_core = config.name == "core"  # only the global administrator logs in there
         links = [*administrators(directory.admin, config.admin, is_core=is_core), *logic]
         if not is_core:
-            links += [CallbackLink(config.name, directory.callbacks),
+            links += [CallbackLink(config.name, directory.callbacks, directory.metrics),
                       StaticUsersLogin(config.users)]
         return LogicChain([*links, CoreLogic()])
 
@@ -68,10 +69,13 @@ class Service:
         """A new connection on one of this service's listeners."""
         session = Session(self, wire, clock, transport, f"{transport}:{host}:{port}")
         self.connections.add(session)
+        self.directory.metrics.count("nkservice_connections_accepted", (self.name, transport))
         return session.conn
 
     def closed(self, caller: Caller) -> None:
         self.connections.discard(caller)
+        self.directory.metrics.count("nkservice_disconnects",
+                                     (disconnect_reason(caller.conn.end_reason),))
         if caller.session_id:  # it had logged in
             self.directory.callbacks.drop(caller)
             self.registry.ended(caller)

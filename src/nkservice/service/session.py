@@ -16,6 +16,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
+from time import perf_counter
 from typing import Any
 
 from nkservice.errors import ApiError, ErrorCode
@@ -46,6 +47,7 @@ class Session:
     __slots__ = (
         "_backlog",
         "_failures",
+        "_metrics",
         "conn",
         "deliver",
         "home",
@@ -78,6 +80,7 @@ class Session:
         self._failures = 0
         self._backlog: deque[Request] | None = None  # not None while a login is decided
         self.subscriptions: dict[Topic, Subscription] = {}
+        self._metrics = service.directory.metrics
         self.conn = Connection(service.config.limits, wire, clock, self)
         # An event for this session (it is a `Subscriber` of `events/`): straight to its
         # connection, without a call of our own in between, once per receiver of each event.
@@ -94,16 +97,27 @@ class Session:
     # -- RequestHandler ------------------------------------------------------------------
 
     def on_request(self, request: Request) -> None:
+        if not request.received:  # (a request that waited for a login has its time)
+            request.received = perf_counter()
         if self._backlog is not None:
             self._backlog.append(request)
             return
         try:
             self._route(request)
         except ApiError as error:
-            self.conn.reply_error(request.tid, error)
+            self._answer_error(request, error)
         except Exception:  # a bug must cost one request, not the connection
             log.exception("request %s/%s failed", request.class_, request.cmd)
-            self.conn.reply_error(request.tid, ApiError(ErrorCode.internal_error))
+            self._answer_error(request, ApiError(ErrorCode.internal_error))
+
+    def _answer(self, request: Request, data: Any = None) -> None:
+        self.conn.reply(request.tid, data)
+        self._metrics.request(request.class_, request.cmd, "ok", request.received)
+
+    def _answer_error(self, request: Request, error: ApiError) -> None:
+        self.conn.reply_error(request.tid, error)
+        self._metrics.request(request.class_, request.cmd, error.error.name,
+                              request.received)
 
     def on_closed(self) -> None:
         self.service.closed(self)
@@ -114,7 +128,7 @@ class Session:
         if not self.logged_in:
             name = canonical(request.subclass, request.cmd) if request.class_ == "core" else None
             if name == ("core", "ping"):
-                self.conn.reply(request.tid)
+                self._answer(request)
             elif name == ("user", "login"):
                 self._start_login(request)
             else:
@@ -122,7 +136,7 @@ class Session:
             return
         logic = self.service.logic
         if request.cmd == "event":  # a client event, of any class (§5.3)
-            self.conn.reply(request.tid)  # answered: a failure below is only logged
+            self._answer(request)  # answered: a failure below is only logged
             try:
                 seen = logic.client_event(self, request)
             except Exception:
@@ -136,7 +150,7 @@ class Session:
         if type(result) in PLAIN:  # answered at once: the core commands, nearly always
             if result is CONTINUE:  # no link answered: a chain without its base
                 raise ApiError(ErrorCode.unknown_class, request.class_)
-            self.conn.reply(request.tid, result)
+            self._answer(request, result)
         elif isinstance(result, asyncio.Future):  # a decision to come: no task for it
             # The server's own work is bounded by ack_timeout (§1.3): then `timeout`.
             limit = asyncio.get_running_loop().call_later(self.conn.limits.ack_timeout,
@@ -145,38 +159,37 @@ class Session:
         elif is_pending(result):
             self.service.spawn(self._answer_later(request, result))
         else:
-            self.conn.reply(request.tid, result)
+            self._answer(request, result)
 
     async def _answer_later(self, request: Request, work: Awaitable[Any]) -> None:
         try:
             async with asyncio.timeout(self.conn.limits.ack_timeout):
                 result = await work
         except ApiError as error:
-            self.conn.reply_error(request.tid, error)
+            self._answer_error(request, error)
         except TimeoutError:
-            self.conn.reply_error(request.tid, ApiError(ErrorCode.timeout))
+            self._answer_error(request, ApiError(ErrorCode.timeout))
         except Exception:
             log.exception("request %s/%s failed", request.class_, request.cmd)
-            self.conn.reply_error(request.tid, ApiError(ErrorCode.internal_error))
+            self._answer_error(request, ApiError(ErrorCode.internal_error))
         else:
             if result is CONTINUE:  # every link passed, after all
-                self.conn.reply_error(request.tid,
-                                      ApiError(ErrorCode.unknown_class, request.class_))
+                self._answer_error(request, ApiError(ErrorCode.unknown_class, request.class_))
             else:
-                self.conn.reply(request.tid, result)
+                self._answer(request, result)
 
     def _answer_when_done(self, request: Request, limit: asyncio.TimerHandle,
                           done: asyncio.Future[Any]) -> None:
         limit.cancel()
         if done.cancelled():  # by the limit
-            self.conn.reply_error(request.tid, ApiError(ErrorCode.timeout))
+            self._answer_error(request, ApiError(ErrorCode.timeout))
         elif (error := done.exception()) is None:
-            self.conn.reply(request.tid, done.result())
+            self._answer(request, done.result())
         elif isinstance(error, ApiError):
-            self.conn.reply_error(request.tid, error)
+            self._answer_error(request, error)
         else:
             log.error("request %s/%s failed", request.class_, request.cmd, exc_info=error)
-            self.conn.reply_error(request.tid, ApiError(ErrorCode.internal_error))
+            self._answer_error(request, ApiError(ErrorCode.internal_error))
 
     async def _see_event(self, request: Request, seen: Awaitable[Any]) -> None:
         try:
@@ -211,10 +224,10 @@ class Session:
             else:
                 await self._refuse(request, attempt, decision)
         except ApiError as error:
-            self.conn.reply_error(request.tid, error)
+            self._answer_error(request, error)
         except Exception:
             log.exception("login failed on service %s", self.service.name)
-            self.conn.reply_error(request.tid, ApiError(ErrorCode.internal_error))
+            self._answer_error(request, ApiError(ErrorCode.internal_error))
         finally:
             self._run_backlog()
 
@@ -253,7 +266,7 @@ class Session:
         answer = {**decision.data, "session_id": session_id, "user": user}
         if claim.resumed:
             answer["resumed"] = True
-        self.conn.reply(request.tid, answer)
+        self._answer(request, answer)
         for event in (*claim.missed_events, *held):  # the missed before anything newer (§3.3)
             self.conn.send_event(event)
         service.logic.session_start(self)
@@ -269,7 +282,7 @@ class Session:
             error = ApiError(ErrorCode.invalid_password)
         else:
             error = ApiError(ErrorCode.unauthorized)
-        self.conn.reply_error(request.tid, error)
+        self._answer_error(request, error)
         if self._failures >= MAX_LOGIN_FAILURES:
             self.conn.close("too many failed logins", CloseCode.policy)
 

@@ -7,6 +7,10 @@ newline JSON (`HELLO` too: it gets `invalid_json`). The first read may hold part
 only (`GE`): the decision waits for a newline, or for enough bytes to rule HTTP out (`{` does
 at once), within `MAX_REQUEST_LINE` bytes and the silence deadline. The connection is then
 handed over to the protocol of its transport, and the bytes read so far replayed.
+
+A WebSocket listener that also serves pages (the core service's: the dashboard, metrics and
+health, `http.py`) reads on to the end of the request's head: with `Upgrade: websocket` it is
+the WebSocket's, otherwise a plain HTTP request for the `Site`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import cast
 
 from nkservice.protocol.connection import Limits
 from nkservice.transport.base import Accept
+from nkservice.transport.http import MAX_HEAD, HttpProtocol, Site
 from nkservice.transport.lines import LineProtocol
 from nkservice.transport.websocket import websocket_protocol_factory
 
@@ -33,6 +38,10 @@ _REQUEST_LINE_START = re.compile(
     rb"%s+(?: [^ \r\n]*(?: (?:H(?:T(?:T(?:P(?:/(?:1(?:\.(?:[0-9]\r?)?)?)?)?)?)?)?)?)?)?" % _TOKEN)
 
 
+_UPGRADE = re.compile(rb"\r\nupgrade:[ \t]*websocket", re.IGNORECASE)
+_HEAD_END = b"\r\n\r\n"
+
+
 def is_http(first_bytes: bytes) -> bool | None:
     """Do these first bytes of a connection start an HTTP request? None: cannot tell yet."""
     newline = first_bytes.find(b"\n")
@@ -43,14 +52,16 @@ def is_http(first_bytes: bytes) -> bool | None:
     return False
 
 
-class SniffingProtocol(asyncio.Protocol):
-    __slots__ = ("_deadline", "_make_lines", "_make_websocket", "_read", "_silence_limit",
-                 "_transport")
+Choose = Callable[[bytes], ProtocolFactory | None]  # None: cannot tell yet
 
-    def __init__(self, make_lines: ProtocolFactory, make_websocket: ProtocolFactory,
-                 silence_limit: float) -> None:
-        self._make_lines = make_lines
-        self._make_websocket = make_websocket
+
+class SniffingProtocol(asyncio.Protocol):
+    """The start of a connection, until `choose` can tell which protocol serves it."""
+
+    __slots__ = ("_choose", "_deadline", "_read", "_silence_limit", "_transport")
+
+    def __init__(self, choose: Choose, silence_limit: float) -> None:
+        self._choose = choose
         self._silence_limit = silence_limit
         self._transport: asyncio.Transport | None = None
         self._deadline: asyncio.TimerHandle | None = None
@@ -68,13 +79,13 @@ class SniffingProtocol(asyncio.Protocol):
         assert self._transport is not None and self._deadline is not None
         if self._read:
             data = self._read + data
-        http = is_http(data)
-        if http is None:
+        make = self._choose(data)
+        if make is None:
             self._read = data
             return
         self._read = b""
         self._deadline.cancel()
-        protocol = (self._make_websocket if http else self._make_lines)()
+        protocol = make()
         self._transport.set_protocol(protocol)
         protocol.connection_made(self._transport)
         _replay(protocol, data)
@@ -82,6 +93,26 @@ class SniffingProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._deadline is not None:  # gone before the decision
             self._deadline.cancel()
+
+
+def chooser(make_lines: ProtocolFactory | None, make_websocket: ProtocolFactory,
+            make_http: ProtocolFactory | None) -> Choose:
+    """How a listener with more than one protocol tells a connection's apart."""
+
+    def choose(data: bytes) -> ProtocolFactory | None:
+        http = is_http(data)
+        if http is None:
+            return None
+        if not http:  # without newline JSON here, picows answers 400
+            return make_lines or make_websocket
+        if make_http is None:
+            return make_websocket
+        end = data.find(_HEAD_END)
+        if end < 0:  # a head too long for h11 goes to picows, which refuses it
+            return None if len(data) < MAX_HEAD else make_websocket
+        return make_websocket if _UPGRADE.search(data, 0, end) else make_http
+
+    return choose
 
 
 def _replay(protocol: asyncio.BaseProtocol, data: bytes) -> None:
@@ -100,11 +131,12 @@ def _replay(protocol: asyncio.BaseProtocol, data: bytes) -> None:
 
 async def listen(accept: Accept, host: str, port: int, *, lines: bool, websocket_paths:
                  Collection[str], tls: ssl.SSLContext | None, limits: Callable[[], Limits],
-                 shared: bool = False) -> asyncio.Server:
+                 shared: bool = False, site: Site | None = None) -> asyncio.Server:
     """Listen on host:port for newline JSON (`lines`), WebSocket (`websocket_paths`), or both.
     `limits()` is read for each new connection: the service's settings may change while
     the socket stays. `shared`: other processes (a node's workers) listen on the same port
-    (SO_REUSEPORT: the kernel spreads the connections over them)."""
+    (SO_REUSEPORT: the kernel spreads the connections over them). `site`: plain HTTP
+    requests to the WebSocket side are its to answer (else 404)."""
     secure = tls is not None
     lines_scheme, websocket_scheme = ("tls", "wss") if secure else ("tcp", "ws")
 
@@ -113,10 +145,19 @@ async def listen(accept: Accept, host: str, port: int, *, lines: bool, websocket
 
     make_websocket = websocket_protocol_factory(accept, websocket_scheme, websocket_paths,
                                                 lambda: limits().max_message_size)
+    make_http: ProtocolFactory | None = None
+    if site is not None and websocket_paths:
+        page_site, websocket_path = site, min(websocket_paths)
+
+        def make_http() -> asyncio.BaseProtocol:
+            return HttpProtocol(page_site, host, websocket_path)
+
     factory: ProtocolFactory
-    if lines and websocket_paths:
+    if websocket_paths and (lines or make_http is not None):
+        choose = chooser(make_lines if lines else None, make_websocket, make_http)
+
         def factory() -> asyncio.BaseProtocol:
-            return SniffingProtocol(make_lines, make_websocket, limits().login_timeout)
+            return SniffingProtocol(choose, limits().login_timeout)
     elif websocket_paths:
         factory = make_websocket
     else:
