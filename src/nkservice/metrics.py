@@ -181,6 +181,25 @@ class Metrics:
         return snapshot
 
 
+class Uncounted(Metrics):
+    """A node whose metrics nobody can read (`[http] metrics = ""`) counts nothing."""
+
+    def request(self, class_: str, cmd: str, result: str, started: float) -> None:
+        pass
+
+    def published(self, service: str) -> None:
+        pass
+
+    def delivered(self, service: str, receivers: int) -> None:
+        pass
+
+    def count(self, name: str, labels: Labels, amount: float = 1) -> None:
+        pass
+
+    def observe(self, name: str, labels: Labels, seconds: float) -> None:
+        pass
+
+
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     """The snapshots of several processes as one: every value added up, label by label."""
     total: dict[str, dict[Labels, Any]] = {name: {} for name in FAMILIES}

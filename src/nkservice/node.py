@@ -35,7 +35,7 @@ from nkservice.events.bus import Bus, LocalBus
 from nkservice.events.fanout import Events
 from nkservice.events.index import Topic
 from nkservice.listeners import ServiceListeners, ports_of
-from nkservice.metrics import Labels, Metrics, merge, render
+from nkservice.metrics import Labels, Metrics, Uncounted, merge, render
 from nkservice.plugins.loader import plugin_links
 from nkservice.plugins.lua import LuaLogic
 from nkservice.service.callbacks import LocalCallbacks
@@ -74,7 +74,7 @@ class Node:
         self.cluster = Cluster(config.cluster) if config.cluster else None
         self.bus: Bus = (NatsBus(self.cluster.link, self.cluster.process) if self.cluster
                          else LocalBus())
-        self.metrics = Metrics(self._gauges)
+        self.metrics = Metrics(self._gauges) if config.http.metrics else Uncounted()
         self.events = Events(self.bus, self.metrics)
         local = LocalSessionRegistry(self.events)
         self.registry: SessionRegistry = (ClusterRegistry(local, self.cluster.rpc)
