@@ -244,3 +244,16 @@ async def test_a_token_is_asked_for(tmp_path: Path) -> None:
 def test_bad_http_keys(tmp_path: Path, http: dict[str, Any], key: str) -> None:
     with pytest.raises(Exception, match=key.replace(".", r"\.")):
         parse_node_config({"http": http}, tmp_path)
+
+
+async def test_a_request_that_never_ends_is_cut(node: Node,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("nkservice.transport.http.IDLE_TIMEOUT", 0.2)
+    host, port = base(node).removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789")
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""  # closed, with no answer
+    finally:
+        writer.close()

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 MAX_HEAD = 16 * 1024  # request line and headers
 MAX_BODY = 64 * 1024
-IDLE_TIMEOUT = 15.0  # seconds a kept-alive connection may wait for its next request
+IDLE_TIMEOUT = 15.0  # seconds for a whole request to arrive (the first, or the next one)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +105,6 @@ class HttpProtocol(asyncio.Protocol):
                 return
             if isinstance(event, h11.Request):
                 self._request, self._body = event, 0
-                if self._idle is not None:
-                    self._idle.cancel()
             elif isinstance(event, h11.Data):
                 self._body += len(event.data)
                 if self._body > MAX_BODY:
@@ -114,6 +112,8 @@ class HttpProtocol(asyncio.Protocol):
                     return
             elif isinstance(event, h11.EndOfMessage):
                 assert self._request is not None
+                if self._idle is not None:  # the whole request came in time
+                    self._idle.cancel()
                 self._serving = asyncio.get_running_loop().create_task(
                     self._serve(self._request))
             elif isinstance(event, h11.ConnectionClosed):
