@@ -43,12 +43,23 @@ DEMO_ADMIN = ("demo-admin", "pw")
 
 # Auto-waiting assertions give up after this long (a test that needs less says so).
 expect.set_options(timeout=5_000)
+HERE = Path(__file__).resolve().parent
+INSTALL_TIMEOUT = 900  # seconds for apt-get to install chromium on a fresh machine
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Without chromium, the first test installs it: give these tests the time for that."""
+    if CHROMIUM.exists():
+        return
+    for item in items:
+        if HERE in item.path.parents:
+            item.add_marker(pytest.mark.timeout(2 * INSTALL_TIMEOUT + 60))
 
 
 def _apt_get(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["apt-get", *args], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-                          check=False)
+    return subprocess.run(["apt-get", *args], capture_output=True, text=True,
+                          timeout=INSTALL_TIMEOUT, check=False,
+                          env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
 
 
 @pytest.fixture(scope="session")
@@ -59,10 +70,13 @@ def chromium() -> Path:
     if shutil.which("apt-get") is None:
         pytest.fail(f"{CHROMIUM} is missing and there is no apt-get to install it: install "
                     "a chromium there (Debian's package `chromium`)")
-    result = _apt_get("install", "-y", "chromium")
-    if result.returncode != 0:  # a machine whose package lists were never fetched
-        _apt_get("update")
+    try:
         result = _apt_get("install", "-y", "chromium")
+        if result.returncode != 0:  # a machine whose package lists were never fetched
+            _apt_get("update")
+            result = _apt_get("install", "-y", "chromium")
+    except (OSError, subprocess.TimeoutExpired) as error:
+        pytest.fail(f"{CHROMIUM} is missing and `apt-get install -y chromium` failed: {error}")
     if result.returncode != 0 or not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing and `apt-get install -y chromium` failed "
                     f"(status {result.returncode}): {result.stderr.strip()[-2000:]}")
@@ -191,16 +205,20 @@ async def page(browser: Browser, node: RunningNode) -> AsyncIterator[Page]:
     assert not errors, "\n".join(errors)
 
 
-Screenshot = Callable[[str], Awaitable[Path]]
+Screenshot = Callable[..., Awaitable[Path]]
 
 
 @pytest.fixture
 def screenshot(page: Page, tmp_path: Path) -> Screenshot:
-    """Save the whole page as tmp_path/dashboard-NAME.png (and in docs/images when
+    """`await screenshot(NAME)` saves the whole page, `await screenshot(NAME, locator)` one
+    part of it, as tmp_path/dashboard-NAME.png (and in docs/images when
     NKSERVICE_DOC_SCREENSHOTS=1)."""
-    async def take(name: str) -> Path:
+    async def take(name: str, part: Locator | None = None) -> Path:
         path = tmp_path / f"dashboard-{name}.png"
-        await page.screenshot(path=str(path), full_page=True)
+        if part is None:
+            await page.screenshot(path=str(path), full_page=True)
+        else:
+            await part.screenshot(path=str(path))
         if os.environ.get("NKSERVICE_DOC_SCREENSHOTS") == "1":
             DOC_IMAGES.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, DOC_IMAGES / path.name)

@@ -107,7 +107,7 @@ async def test_a_session_appears_within_one_second(
     await expect(page.get_by_test_id("session-row")).to_contain_text("this dashboard")
     await page.locator("#sessions-service").select_option("demo")
     await expect(page.get_by_test_id("session-row")).to_have_count(2)
-    await screenshot("sessions")
+    await screenshot("sessions", page.locator("#sessions-panel"))
 
     # A session that ends goes within 1 s too.
     await alice.close()
@@ -150,7 +150,7 @@ async def test_a_sessions_subscriptions(dashboard: Page, node: RunningNode,
     await expect(chat).to_contain_text('{"from":"test"}')
     await expect(rows.filter(has_text="user_event")).to_contain_text("alice")
     await expect(rows.filter(has_text="session_event")).to_contain_text(str(alice.session_id))
-    await screenshot("subscriptions")
+    await screenshot("subscriptions", page.locator("#subscriptions-panel"))
 
     await alice.unsubscribe("chat", "room", obj_id="r1")
     await page.locator("#subscriptions-refresh").click()
@@ -191,7 +191,7 @@ async def test_an_event_sent_by_a_client_appears_in_the_stream(
     await sender.send_event("chat", "lobby", "typing", "l1", body={"who": "bob"})
     await expect(events).to_have_count(2)
     await expect(events.first).to_contain_text("chat/lobby/typing/l1")
-    await screenshot("events")
+    await screenshot("events", page.locator("#events-panel"))
 
     # Unsubscribed: nothing more from that filter.
     await page.get_by_role("button", name="Unsubscribe from chat/room/*/* in demo").click()
@@ -218,7 +218,7 @@ async def test_a_command_sent_from_the_console_shows_its_answer(
     answer = json.loads(await result.inner_text())
     assert answer == {"alice": [alice.session_id]}
     await expect(page.locator("#console-state")).to_contain_text("core user list: ok")
-    await screenshot("console")
+    await screenshot("console", page.locator("#console-panel"))
 
     await page.locator("#console-subclass").fill("")
     await page.locator("#console-cmd").fill("get_user")
@@ -242,6 +242,9 @@ async def test_a_service_created_from_the_form_takes_logins_and_stopping_it_clos
     await page.locator("#service-listen").fill(
         f"ws://127.0.0.1:{port}/\ntcp://127.0.0.1:{port}")
     await page.locator("#service-admin-user").fill("chat-admin")
+    await page.get_by_role("button", name="Create").click()
+    await expect(page.get_by_test_id("editor-status")).to_have_text(
+        "Cannot create: the service admin needs a password")
     await page.locator("#service-admin-password").fill("chat-pw")
     await page.locator("#service-users").fill("carol = pw3\ndave = pw4")
     await page.locator("#service-ping-interval").fill("30")
@@ -259,7 +262,7 @@ async def test_a_service_created_from_the_form_takes_logins_and_stopping_it_clos
     with pytest.raises(ApiError) as refused:
         await connect(f"ws://127.0.0.1:{port}/", "carol", "wrong")
     assert refused.value.code == 100038
-    await screenshot("service-created")
+    await screenshot("service-created", page.locator("#services-panel"))
 
     await page.get_by_role("button", name="Stop…").click()
     await page.get_by_role("button", name="Really stop chat").click()
@@ -313,7 +316,7 @@ user = ["core.user.list"]
     await page.locator("#service-ping-interval").fill("25")
     await page.get_by_role("button", name="Update").click()
     await expect(page.get_by_test_id("editor-status")).to_have_text("Service shop updated.")
-    await screenshot("service-editor")
+    await screenshot("service-editor", page.locator("#editor-panel"))
 
     admin = await connect(node.core_ws, *ADMIN)
     definition = await admin.request("core", "get_service", {"name": "shop"})

@@ -637,8 +637,12 @@ function formDefinition() {
   if (listen.length) definition.listen = listen;
   const adminUser = $("service-admin-user").value.trim();
   const adminPassword = $("service-admin-password").value;
-  if (adminUser || adminPassword) {
+  if (adminPassword) {
+    if (!adminUser) throw new Error("the service admin needs a user name");
     definition.admin = { user: adminUser, password: adminPassword };
+  } else if (adminUser && !(state.loaded && state.loaded.name === name
+    && state.loaded.adminUser === adminUser)) {
+    throw new Error("the service admin needs a password");
   }
   const users = pairs($("service-users").value, "users");
   if (Object.keys(users).length) definition.users = users;
@@ -795,7 +799,10 @@ async function loadService(name, { quiet = false } = {}) {
     say("editor-status", `Cannot load ${name}: ${describeError(error)}`, "error");
     return;
   }
-  $("service-text").value = json(definition);
+  // The text is what may be sent back: `users` comes as names and `admin` without its
+  // password, so both are left out (give them whole to change them).
+  const { users: _users, admin: _admin, ...sendable } = definition;
+  $("service-text").value = json(sendable);
   $("service-listen").value = (definition.listen || []).join("\n");
   const admin = definition.admin || null;
   $("service-admin-user").value = admin && admin.user ? admin.user : "";
@@ -814,7 +821,7 @@ async function loadService(name, { quiet = false } = {}) {
   $("service-plugins").value = (definition.plugins || []).join(", ");
   $("service-script").value = definition.script_code || "";
   // What the form now shows, to send only what changes from it.
-  state.loaded = { name, form: null };
+  state.loaded = { name, adminUser: $("service-admin-user").value, form: null };
   state.loaded.form = formDefinition();
   if (!quiet) say("editor-status", `Loaded ${name}.`, "ok");
 }
