@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -87,10 +88,28 @@ class RunningNode:
     """A `nkservice serve` process: the core service (which serves the dashboard) and a
     `demo` service, each on a ws and a tcp URL sharing one port."""
 
-    def __init__(self, process: asyncio.subprocess.Process, core: int, demo: int) -> None:
-        self.process = process
-        self.core_port = core
-        self.demo_port = demo
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.core_port = free_port()
+        self.demo_port = free_port()
+        self.config = directory / "node.toml"
+        self.config.write_text(f"""
+[node]
+data_dir = "{directory / 'data'}"
+
+[admin]
+user = "{ADMIN[0]}"
+password = "{ADMIN[1]}"
+
+[core]
+listen = ["{self.core_ws}", "tcp://127.0.0.1:{self.core_port}"]
+
+[services.demo]
+listen = ["{self.demo_ws}", "{self.demo_tcp}"]
+admin = {{ user = "{DEMO_ADMIN[0]}", password = "{DEMO_ADMIN[1]}" }}
+users = {{ {", ".join(f'{user} = "{password}"' for user, password in DEMO_USERS.items())} }}
+""")
+        self.process: asyncio.subprocess.Process | None = None
         self.log: list[str] = []
         self._drain: asyncio.Task[None] | None = None
 
@@ -110,67 +129,52 @@ class RunningNode:
     def demo_tcp(self) -> str:
         return f"tcp://127.0.0.1:{self.demo_port}"
 
-    async def started(self) -> None:
-        """Until the node says it listens on every socket (its log line after the binds)."""
-        stderr = self.process.stderr
+    async def start(self) -> None:
+        """Start the process, until it says it listens on every socket (its log line
+        after the binds)."""
+        process = self.process = await asyncio.create_subprocess_exec(
+            str(NKSERVICE), "serve", "--config", str(self.config), cwd=self.directory,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE)
+        stderr = process.stderr
         assert stderr is not None
+        self.log.clear()
         async with asyncio.timeout(20):
             while not any("node started" in line for line in self.log):
                 line = await stderr.readline()
                 if not line:
-                    await self.process.wait()
+                    await process.wait()
                     raise AssertionError("nkservice serve exited:\n" + "".join(self.log))
                 self.log.append(line.decode(errors="replace"))
-        self._drain = asyncio.get_running_loop().create_task(self._read_log())
+        self._drain = asyncio.get_running_loop().create_task(self._read_log(stderr))
 
-    async def _read_log(self) -> None:
+    async def _read_log(self, stderr: asyncio.StreamReader) -> None:
         """Keep reading the log, so a full pipe never blocks the node."""
-        stderr = self.process.stderr
-        assert stderr is not None
         while line := await stderr.readline():
             self.log.append(line.decode(errors="replace"))
 
     async def stop(self) -> None:
-        if self.process.returncode is None:
-            self.process.terminate()
+        """SIGTERM (the node closes its sessions and listeners), until it has exited."""
+        process = self.process
+        if process is not None and process.returncode is None:
+            process.terminate()
             try:
                 async with asyncio.timeout(10):
-                    await self.process.wait()
+                    await process.wait()
             except TimeoutError:
-                self.process.kill()
-                await self.process.wait()
+                process.kill()
+                await process.wait()
         if self._drain is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._drain
+            self._drain = None
 
 
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[RunningNode]:
-    core, demo = free_port(), free_port()
-    config = tmp_path / "node.toml"
-    config.write_text(f"""
-[node]
-data_dir = "{tmp_path / 'data'}"
-
-[admin]
-user = "{ADMIN[0]}"
-password = "{ADMIN[1]}"
-
-[core]
-listen = ["ws://127.0.0.1:{core}/", "tcp://127.0.0.1:{core}"]
-
-[services.demo]
-listen = ["ws://127.0.0.1:{demo}/", "tcp://127.0.0.1:{demo}"]
-admin = {{ user = "{DEMO_ADMIN[0]}", password = "{DEMO_ADMIN[1]}" }}
-users = {{ {", ".join(f'{user} = "{password}"' for user, password in DEMO_USERS.items())} }}
-""")
-    process = await asyncio.create_subprocess_exec(
-        str(NKSERVICE), "serve", "--config", str(config), cwd=tmp_path,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE)
-    running = RunningNode(process, core, demo)
+    running = RunningNode(tmp_path)
     try:
-        await running.started()
+        await running.start()
         yield running
     finally:
         await running.stop()
@@ -187,22 +191,44 @@ async def browser(chromium: Path) -> AsyncIterator[Browser]:
             await launched.close()
 
 
+class PageErrors:
+    """Script errors and console errors of the page: any fails the test, but those a test
+    expects (`allow`), such as a refused WebSocket while the node restarts."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self.allowed: list[re.Pattern[str]] = []
+
+    def allow(self, pattern: str) -> None:
+        self.allowed.append(re.compile(pattern))
+
+    def unexpected(self) -> list[str]:
+        return [error for error in self.seen
+                if not any(pattern.search(error) for pattern in self.allowed)]
+
+
 @pytest.fixture
-async def page(browser: Browser, node: RunningNode) -> AsyncIterator[Page]:
+def page_errors() -> PageErrors:
+    return PageErrors()
+
+
+@pytest.fixture
+async def page(browser: Browser, node: RunningNode,
+               page_errors: PageErrors) -> AsyncIterator[Page]:
     """A page whose script errors fail the test; closed before the node stops."""
     context = await browser.new_context(viewport={"width": 1280, "height": 900})
     opened = await context.new_page()
-    errors: list[str] = []
-    opened.on("pageerror", lambda error: errors.append(f"page error: {error}"))
+    opened.on("pageerror", lambda error: page_errors.seen.append(f"page error: {error}"))
 
     def console(message: ConsoleMessage) -> None:
         if message.type == "error":
-            errors.append(f"console error: {message.text}")
+            page_errors.seen.append(f"console error: {message.text}")
 
     opened.on("console", console)
     yield opened
     await context.close()
-    assert not errors, "\n".join(errors)
+    unexpected = page_errors.unexpected()
+    assert not unexpected, "\n".join(unexpected)
 
 
 Screenshot = Callable[..., Awaitable[Path]]

@@ -16,6 +16,7 @@ from tests.browser.conftest import (
     DEMO_ADMIN,
     DEMO_USERS,
     ClientFactory,
+    PageErrors,
     RunningNode,
     Screenshot,
     service_row,
@@ -349,3 +350,21 @@ async def test_services_changed_elsewhere_show_at_once(
     await admin.request("core", "stop_service", {"name": "news"})
     await expect(row).to_be_hidden(timeout=LIVE)
     await expect(session_row(page, gina.session_id)).to_be_hidden(timeout=LIVE)
+
+
+async def test_the_dashboard_reconnects_when_the_node_restarts(
+        dashboard: Page, node: RunningNode, connect: ClientFactory,
+        page_errors: PageErrors) -> None:
+    page = dashboard
+    page_errors.allow(r"WebSocket connection to .* failed")  # while the node is down
+    connection = page.locator("#connection")
+    await node.stop()
+    await expect(connection).to_have_attribute("data-state", "reconnecting")
+    await expect(connection).to_contain_text("server shutting down")
+    await node.start()
+    await expect(connection).to_have_text(f"Connected as {ADMIN[0]}", timeout=15_000)
+    await expect(count_of(page, "core")).to_have_text("1")
+    # Its subscriptions came back with it: a new session shows as fast as before.
+    alice = await connect(node.demo_ws, "alice", DEMO_USERS["alice"])
+    await expect(session_row(page, alice.session_id)).to_be_visible(timeout=LIVE)
+    await expect(count_of(page, "demo")).to_have_text("1", timeout=LIVE)

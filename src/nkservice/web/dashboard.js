@@ -141,11 +141,16 @@ async function logIn(event) {
   state.client = client;
   $("login-password").value = "";
   $("login-submit").disabled = false;
-  client.on("disconnected", () => {
-    if (state.client === client) setConnection("Connection lost: reconnecting…", "reconnecting");
+  let lost = "";
+  client.on("disconnected", (info) => {
+    lost = info && info.reason ? ` (${info.reason})` : "";
+    if (state.client === client) setConnection(`Connection lost${lost}: reconnecting…`, "reconnecting");
   });
-  client.on("reconnecting", () => {
-    if (state.client === client) setConnection("Reconnecting…", "reconnecting");
+  client.on("reconnecting", (info) => {
+    const attempt = info && info.attempt ? `, try ${info.attempt}` : "";
+    if (state.client === client) {
+      setConnection(`Connection lost${lost}: reconnecting${attempt}…`, "reconnecting");
+    }
   });
   client.on("connected", (login) => {
     if (state.client !== client) return;
