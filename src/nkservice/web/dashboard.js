@@ -295,10 +295,48 @@ function onServiceEvent(event) {
   renderServices();
 }
 
-function renderServices() {
+// Drawing is coalesced (a burst of logins draws once) and skipped when nothing shown has
+// changed, so a refresh every second never takes the focus away from a button.
+const drawn = { services: "", names: "", sessions: "" };
+const toDraw = new Set();
+let drawTimer = 0;
+
+function schedule(what) {
+  toDraw.add(what);
+  if (drawTimer) return;
+  drawTimer = setTimeout(() => {
+    drawTimer = 0;
+    if (toDraw.delete("services")) drawServices();
+    if (toDraw.delete("sessions")) drawSessions();
+  }, 20);
+}
+
+const renderServices = () => schedule("services");
+const renderSessions = () => schedule("sessions");
+
+function drawServices() {
+  const services = [...state.services.values()]
+    .sort((a, b) => (a.name === "core" ? -1 : b.name === "core" ? 1 : a.name.localeCompare(b.name)));
+  const signature = JSON.stringify(services);
+  if (signature !== drawn.services) {
+    drawn.services = signature;
+    drawServiceRows(services);
+  }
+  const names = [...state.services.keys()].sort();
+  if (JSON.stringify(names) !== drawn.names) {
+    drawn.names = JSON.stringify(names);
+    const select = $("sessions-service");
+    const chosen = select.value;
+    select.replaceChildren(h("option", { value: "" }, "All services"),
+      ...names.map((name) => h("option", { value: name }, name)));
+    select.value = state.services.has(chosen) ? chosen : "";
+    $("service-names").replaceChildren(...names.map((name) => h("option", { value: name })));
+  }
+}
+
+function drawServiceRows(services) {
   const body = $("services-table").tBodies[0];
-  const rows = [...state.services.values()]
-    .sort((a, b) => (a.name === "core" ? -1 : b.name === "core" ? 1 : a.name.localeCompare(b.name)))
+  const rows = services
     .map((service) => h("tr", { dataset: { service: service.name }, "data-testid": "service-row" },
       h("th", { scope: "row" }, service.name),
       h("td", {}, h("ul", { class: "plain" },
@@ -312,14 +350,6 @@ function renderServices() {
           h("button", { type: "button", onclick: () => editService(service.name),
             "aria-label": `Edit ${service.name}` }, "Edit"))));
   body.replaceChildren(...rows);
-
-  const select = $("sessions-service");
-  const chosen = select.value;
-  select.replaceChildren(h("option", { value: "" }, "All services"),
-    ...[...state.services.keys()].sort().map((name) => h("option", { value: name }, name)));
-  select.value = state.services.has(chosen) ? chosen : "";
-  $("service-names").replaceChildren(
-    ...[...state.services.keys()].sort().map((name) => h("option", { value: name })));
 }
 
 function showSessionsOf(name) {
@@ -397,7 +427,7 @@ async function loadSessions(names) {
   renderSessions();
 }
 
-function renderSessions() {
+function drawSessions() {
   const service = $("sessions-service").value;
   const user = $("sessions-user").value.trim().toLowerCase();
   const all = [...state.sessions.values()]
@@ -407,6 +437,9 @@ function renderSessions() {
       || (a.login_time || 0) - (b.login_time || 0));
   const shown = all.slice(0, MAX_SESSIONS_SHOWN);
   const own = state.login && state.login.session_id;
+  const signature = JSON.stringify([own, all.length, shown]);
+  if (signature === drawn.sessions) return;
+  drawn.sessions = signature;
   const rows = shown.map((s) => {
     const self = s.service === "core" && s.session_id === own;
     return h("tr", { "data-testid": "session-row", dataset: { sessionId: s.session_id,
