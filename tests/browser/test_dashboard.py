@@ -175,11 +175,13 @@ async def test_an_event_sent_by_a_client_appears_in_the_stream(
     # Not matched (another subclass), then matched: events of one sender arrive in order,
     # so once the second is shown the first would be there if it had been delivered.
     await sender.send_event("chat", "lobby", "message", "l1", body={"text": "not for us"})
-    await sender.send_event("chat", "room", "message", "r1", body={"text": "hello"})
+    await sender.send_event("chat", "room", "message", "r1", body={"text": "<b>hello</b>"})
     events = page.get_by_test_id("event")
     await expect(events).to_have_count(1)
     await expect(events).to_contain_text("chat/room/message/r1")
-    await expect(events).to_contain_text('{"text":"hello"}')
+    # Shown as text, never read as HTML.
+    await expect(events).to_contain_text('{"text":"<b>hello</b>"}')
+    await expect(events.locator("b")).to_have_count(0)
     await expect(events).to_contain_text("demo")
     await expect(events).not_to_contain_text("not for us")
 
@@ -368,3 +370,41 @@ async def test_the_dashboard_reconnects_when_the_node_restarts(
     alice = await connect(node.demo_ws, "alice", DEMO_USERS["alice"])
     await expect(session_row(page, alice.session_id)).to_be_visible(timeout=LIVE)
     await expect(count_of(page, "demo")).to_have_text("1", timeout=LIVE)
+
+
+TOML_CASES: list[tuple[str, object]] = [
+    ('name = "chat"\nlisten = ["ws://127.0.0.1:9020/", # the first\n  "tcp://127.0.0.1:9020"]\n'
+     'admin = { user = "chat-admin", password = "pw" }\nping_interval = 30\n'
+     'request_timeout = 0.5\nresume_window = 1_000\n',
+     {"name": "chat", "listen": ["ws://127.0.0.1:9020/", "tcp://127.0.0.1:9020"],
+      "admin": {"user": "chat-admin", "password": "pw"}, "ping_interval": 30,
+      "request_timeout": 0.5, "resume_window": 1000}),
+    ("name = 'lit\\eral'\nscript_code = \"\"\"\nfunction login(req) return true end\n\"\"\"\n"
+     "[permissions]\nuser = [\"core.user.list\"]\n[plugin.gelf]\n\"a.b\" = true\n",
+     {"name": "lit\\eral", "script_code": "function login(req) return true end\n",
+      "permissions": {"user": ["core.user.list"]}, "plugin": {"gelf": {"a.b": True}}}),
+    ('users.alice = "pw\\u00e9"\n', {"users": {"alice": "pw\u00e9"}}),
+    ('{"name": "json", "users": {"x": "y"}}', {"name": "json", "users": {"x": "y"}}),
+    ("name = ", "line 1: expected a value"),
+    ('name = "open', "line 1: unterminated string"),
+    ("a = 1\na = 2", "line 2: a is given twice"),
+    ("x = [1,\n", "line 2: expected a value"),
+    ("[[array]]", "line 1: arrays of tables are not supported"),
+    ("{not json", "not valid JSON"),
+]
+
+
+async def test_the_definition_reader(page: Page, node: RunningNode) -> None:
+    """The page's reader of pasted definitions (toml.js): JSON, or TOML."""
+    await page.goto(node.page_url)
+    answers = await page.evaluate("""async (texts) => {
+        const { parseDefinition } = await import("/dashboard/toml.js");
+        return texts.map((text) => {
+            try { return { ok: parseDefinition(text) }; } catch (e) { return { error: e.message }; }
+        });
+    }""", [text for text, _ in TOML_CASES])
+    for (text, expected), answer in zip(TOML_CASES, answers, strict=True):
+        if isinstance(expected, str):
+            assert expected in answer.get("error", ""), (text, answer)
+        else:
+            assert answer == {"ok": expected}, text
