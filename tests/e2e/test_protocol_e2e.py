@@ -499,7 +499,9 @@ async def test_hashed_password_checks_do_not_stall_other_connections(
         assert (await bystander.request("core", "ping"))["result"] == "ok"
         worst = max(worst, loop.time() - started)
     assert all(code == 100038 for codes in await answered for code in codes)
-    assert worst < 0.1, f"a ping waited {worst * 1000:.0f} ms"
+    # On the loop, the 24 checks would hold a ping for about a second; a busy machine (the
+    # test's own scrypt threads share its cores) may still delay one by a few tens of ms.
+    assert worst < 0.5, f"a ping waited {worst * 1000:.0f} ms"
 
 
 async def _answers(peer: Peer, count: int) -> list[object]:
