@@ -77,6 +77,15 @@ async def test_log_in(page: Page, node: RunningNode, screenshot: Screenshot) -> 
     await page.get_by_role("button", name="Log out").click()
     await expect(page.locator("#login-panel")).to_be_visible()
     await expect(page.locator("#connection")).to_have_text("Logged out.")
+    await expect(page.locator("#app")).to_be_hidden()
+
+    # In again: a new session, the old one gone.
+    await page.get_by_label("Password", exact=True).fill(ADMIN[1])
+    await page.get_by_role("button", name="Log in").click()
+    await expect(page.locator("#connection")).to_have_text(f"Connected as {ADMIN[0]}")
+    await expect(page.get_by_test_id("service-row")).to_have_count(2)
+    await expect(count_of(page, "core")).to_have_text("1")
+    await expect(page.get_by_test_id("session-row")).to_have_count(1)
 
 
 async def test_a_session_appears_within_one_second(

@@ -198,9 +198,21 @@ function loggedOut(why) {
   state.sessions.clear();
   state.streams = [];
   state.viewedSession = null;
+  state.loaded = null;
   renderServices();
   renderSessions();
   renderStreams();
+  // Nothing of the last login stays on the page.
+  $("event-log").replaceChildren();
+  state.eventCount = 0;
+  $("stream-count").textContent = "";
+  $("subscriptions-table").hidden = true;
+  $("subscriptions-table").tBodies[0].replaceChildren();
+  $("subscriptions-of").textContent = "Choose “Subscriptions” on a session above.";
+  $("subscriptions-refresh").disabled = true;
+  $("console-result").textContent = "";
+  for (const id of ["services-status", "sessions-status", "subscriptions-status",
+    "stream-status", "console-state", "editor-status"]) say(id, "", "info");
   setConnection(why, "disconnected");
   showLoggedIn(false);
   $("login-password").focus();
@@ -211,7 +223,8 @@ function loggedOut(why) {
 
 async function refreshServices() {
   const client = state.client;
-  if (!client || state.refreshing) return;
+  // While reconnecting, requests would wait for the connection: the next tick will do.
+  if (!client || state.refreshing || client.state === "reconnecting") return;
   state.refreshing = true;
   try {
     const list = await client.request("core", "list_services", {});
