@@ -222,6 +222,7 @@ export class NkClient {
     this.#registrations.clear();
     const link = this.#link;
     if (link && !link.closed) {
+      link.reason = "closed by the client";
       try { link.ws.close(1000); } catch { /* already closing */ }
       // A dead network never completes the closing handshake: do not wait for it forever.
       const bound = setTimeout(() => this.#lost(link, 1000, "closed by the client"), 2000);
@@ -268,18 +269,20 @@ export class NkClient {
         this.#lost(link, 1006, "connect timeout");
         try { ws.close(); } catch { /* not open yet */ }
       }, this.#connectTimeout * 1000);
-      ws.onopen = () => { clearTimeout(timer); resolve(); };
-      ws.onclose = (event) => {
+      const failed = (code, reason) => {
         clearTimeout(timer);
-        reject(new NkError("connection_closed", `Could not connect to ${this.url}`
-          + (event.reason ? `: ${event.reason}` : ` (close code ${event.code})`)));
-        this.#lost(link, event.code, event.reason);
+        reject(new NkError("connection_closed", `Could not connect to ${this.url}: ${reason}`));
+        this.#lost(link, code, reason);
       };
+      ws.onopen = () => { clearTimeout(timer); resolve(); };
+      ws.onclose = (event) => failed(event.code, event.reason || `close code ${event.code}`);
+      // Node 20's WebSocket may report a failed handshake with an error and never a close.
+      ws.onerror = () => failed(1006, "network error");
     });
-    ws.onerror = () => {}; // a close event follows every error, and says more
     ws.onmessage = (event) => this.#received(link, event.data);
     await opened;
     ws.onclose = (event) => this.#lost(link, event.code, event.reason);
+    ws.onerror = () => {}; // once open, a close event follows every error, and says more
 
     const fields = defined({
       user: this.#options.user,
@@ -331,7 +334,7 @@ export class NkClient {
   #lost(link, code, reason) {
     if (link.closed) return;
     link.closed = true;
-    link.reason = link.reason ?? (reason || `close code ${code}`);
+    link.reason ??= reason || (code === 1006 ? "connection lost" : `close code ${code}`);
     clearTimeout(link.watchdog);
     for (const timer of link.acking) clearInterval(timer);
     const error = new NkError("connection_closed", `Connection closed: ${link.reason}`);

@@ -103,34 +103,50 @@ export async function startServer({ services = {}, core = {} } = {}) {
 }
 
 /**
- * A TCP proxy to `target` (a ws:// URL): `proxy.url` is the same service through it,
- * `proxy.drop()` cuts every connection at once, as a network failure would.
+ * A TCP proxy to `target` (a ws:// URL): `proxy.url` is the same service through it.
+ * `proxy.drop()` cuts every connection at once, as a network failure would; while
+ * `proxy.refusing` is true new connections are cut at once; `proxy.freeze()` stops carrying
+ * bytes on the open connections without closing them (a network gone silent).
  */
 export async function startProxy(target) {
   const { hostname, port, pathname } = new URL(target);
-  const sockets = new Set();
+  const pairs = new Set();
   const server = net.createServer((client) => {
+    if (proxy.refusing) {
+      client.resetAndDestroy();
+      return;
+    }
     const upstream = net.connect(Number(port), hostname);
-    for (const socket of [client, upstream]) {
-      sockets.add(socket);
+    const pair = [client, upstream];
+    pairs.add(pair);
+    for (const socket of pair) {
       socket.on("error", () => {});
-      socket.on("close", () => { sockets.delete(socket); client.destroy(); upstream.destroy(); });
+      socket.on("close", () => { pairs.delete(pair); client.destroy(); upstream.destroy(); });
     }
     client.pipe(upstream);
     upstream.pipe(client);
   });
   await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
-  return {
+  const proxy = {
     url: `ws://127.0.0.1:${server.address().port}${pathname}`,
-    /** Cut every connection now (a reset, no close frame). */
+    refusing: false,
     drop() {
-      for (const socket of sockets) socket.resetAndDestroy();
+      for (const pair of pairs) for (const socket of pair) socket.resetAndDestroy();
+    },
+    freeze() {
+      for (const [client, upstream] of pairs) {
+        client.unpipe(upstream);
+        upstream.unpipe(client);
+        client.pause();
+        upstream.pause();
+      }
     },
     close() {
       this.drop();
       return new Promise((resolve) => server.close(resolve));
     },
   };
+  return proxy;
 }
 
 /** Resolves with the next value `emitter` (an NkClient) emits as `name`, when `test` holds. */
