@@ -45,7 +45,7 @@ DEMO_ADMIN = ("demo-admin", "pw")
 # Auto-waiting assertions give up after this long (a test that needs less says so).
 expect.set_options(timeout=5_000)
 HERE = Path(__file__).resolve().parent
-INSTALL_TIMEOUT = 900  # seconds for apt-get to install chromium on a fresh machine
+INSTALL_TIMEOUT = 900  # seconds for each apt-get call (install, update, install again)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -54,7 +54,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return
     for item in items:
         if HERE in item.path.parents:
-            item.add_marker(pytest.mark.timeout(2 * INSTALL_TIMEOUT + 60))
+            item.add_marker(pytest.mark.timeout(3 * INSTALL_TIMEOUT + 60))
 
 
 def _apt_get(*args: str) -> subprocess.CompletedProcess[str]:
