@@ -20,7 +20,8 @@ The process the operator starts is the supervisor. It serves nothing itself:
 Workers run in sessions of their own (a Ctrl-C in the terminal reaches the supervisor
 only, which stops them in order) and Linux SIGTERMs them when the supervisor dies
 (`PR_SET_PDEATHSIG`), so a supervisor that is killed leaves no worker holding the ports.
-They write their log to the supervisor's stderr, each line naming the worker.
+They write their log to the supervisor's stderr, each line naming the worker. Once a
+worker serves, it applies the garbage collector's policy (`ready_signal`, gc_policy.py).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any, TypeVar
 
 from nkservice.cluster.server import EmbeddedNats, die_with_parent
 from nkservice.errors import ConfigError, ServerError
+from nkservice.gc_policy import apply_gc_policy
 from nkservice.service.config import NodeConfig
 
 log = logging.getLogger(__name__)
@@ -348,8 +350,12 @@ class Supervisor:
 
 
 def ready_signal(fd: int | None) -> Callable[[], None]:
-    """For a worker: the function that tells the supervisor it serves (once)."""
+    """For a serving process (a worker, or a node of one process): the function to call
+    once it serves, on its running loop. It applies the garbage collector's policy
+    (`gc_policy.apply_gc_policy`: what start-up made is frozen, full collections walk only
+    what came since the last one) and, for a worker, tells the supervisor (once)."""
     def signal_ready() -> None:
+        apply_gc_policy()
         if fd is None:
             return
         with contextlib.suppress(OSError):

@@ -15,8 +15,8 @@ class LineProtocol(asyncio.Protocol):
     callback requests, answers that came later), is written together in one system call,
     not one call per message: pipelining clients and fan-outs send many."""
 
-    __slots__ = ("_accept", "_batch", "_call_soon", "_conn", "_framer", "_paused", "_scheme",
-                 "_transport", "_wakeups")
+    __slots__ = ("_accept", "_batch", "_call_soon", "_conn", "_framer", "_key", "_paused",
+                 "_scheme", "_transport", "_wake_ups")
 
     def __init__(self, accept: Accept, scheme: str) -> None:
         self._accept = accept
@@ -24,19 +24,19 @@ class LineProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._conn: Connection | None = None
         self._framer: LineFramer | None = None
-        self._wakeups: WakeUps | None = None
+        self._wake_ups: WakeUps | None = None
+        self._key = 0
         self._batch: list[bytes] | None = None  # a list while a read is being handled
         self._paused = False  # the socket's send buffer is over its high-water mark
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         self._transport = cast(asyncio.Transport, transport)
-        loop = asyncio.get_running_loop()
-        self._call_soon = loop.call_soon
-        self._wakeups = WakeUps(loop)
+        wake_ups = self._wake_ups = WakeUps.of(asyncio.get_running_loop())
+        self._call_soon = wake_ups.call_soon
+        self._key = wake_ups.new_key()
         host, port = peer_address(transport)
-        self._conn = self._accept(self, loop.time, self._scheme, host, port)
-        self._wakeups.attach(self._conn)
+        self._conn = self._accept(self, wake_ups.clock, self._scheme, host, port)
         self._framer = LineFramer(self._conn.limits.max_message_size)
 
     def data_received(self, data: bytes) -> None:
@@ -57,18 +57,20 @@ class LineProtocol(asyncio.Protocol):
 
     def _flush(self) -> None:
         batch, self._batch = self._batch, None
-        if batch:
-            assert self._transport is not None
+        if batch and self._transport is not None:
             self._transport.write(b"".join(batch))
 
     def eof_received(self) -> bool:
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._wakeups is not None:
-            self._wakeups.cancel()
-        if self._conn is not None:
-            self._conn.lost()
+        # Let go of the connection (it points back here: a cycle) and of the transport.
+        conn, self._conn = self._conn, None
+        self._transport = self._framer = self._batch = None
+        if self._wake_ups is not None:
+            self._wake_ups.cancel(self._key)
+        if conn is not None:
+            conn.lost()
 
     # -- Wire --------------------------------------------------------------------------------
 
@@ -80,16 +82,16 @@ class LineProtocol(asyncio.Protocol):
         batch += (data, b"\n")
 
     def close(self, goodbye: Goodbye) -> None:
-        assert self._transport is not None
+        if self._transport is None:  # gone already
+            return
         self.send(goodbye.line)  # the last line says why (§1.3)
         self._flush()
         self._transport.close()
 
     def backlog(self) -> int:
         # Asked for at every event sent: only look once the transport has said it is full.
-        if not self._paused:
+        if not self._paused or self._transport is None:
             return 0
-        assert self._transport is not None
         return self._transport.get_write_buffer_size()
 
     def pause_writing(self) -> None:
@@ -99,5 +101,9 @@ class LineProtocol(asyncio.Protocol):
         self._paused = False
 
     def wake_at(self, when: float) -> None:
-        assert self._wakeups is not None
-        self._wakeups.wake_at(when)
+        if self._wake_ups is not None and self._transport is not None:  # not once lost
+            self._wake_ups.wake_at(self._key, self, when)
+
+    def on_timer(self) -> None:
+        if self._conn is not None:
+            self._conn.on_timer()

@@ -88,8 +88,23 @@ class GuardedListener(WSListener):
         transport.disconnect()
 
 
+class _Detached(asyncio.BufferedProtocol):
+    """In a finished TLS connection, the place of its WebSocket protocol (nothing comes)."""
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return bytearray(1)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        pass
+
+
+_DETACHED = _Detached()
 _get_buffer = WSProtocol.get_buffer
 _buffer_updated = WSProtocol.buffer_updated
+
+
+def _not_a_stream_protocol(data: bytes) -> None:
+    raise RuntimeError("GuardedProtocol is a buffered protocol: data_received is never called")
 
 
 class GuardedProtocol(WSProtocol):  # type: ignore[misc]  # picows has no stubs for it
@@ -97,6 +112,23 @@ class GuardedProtocol(WSProtocol):  # type: ignore[misc]  # picows has no stubs 
     docstring). Construct it with `server_protocol`."""
 
     __slots__ = ("_fast_b1", "_head", "_limit", "_problem", "_skip", "_state", "_tail")
+
+    # Never called (uvloop and asyncio call get_buffer and buffer_updated), but looked up:
+    # handed over by the sniffer of a shared port (`transport.set_protocol`), uvloop keeps
+    # the `data_received` of the protocol before unless the new one has one, and so the
+    # sniffer with its transport (a cycle) and its timer, for as long as the connection
+    # lasts. A plain function, so that looking it up makes no bound method either.
+    data_received = staticmethod(_not_a_stream_protocol)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)  # the listener's on_ws_disconnected
+        transport = self.transport
+        if transport is not None and transport.is_secure:
+            # uvloop's SSLProtocol keeps this protocol's get_buffer and buffer_updated (bound
+            # methods) once the connection is lost, and picows's transport keeps the TLS
+            # transport (its `underlying_transport`), which keeps the SSLProtocol: a cycle
+            # that only the garbage collector would free. It gets a stand-in instead.
+            transport.underlying_transport.set_protocol(_DETACHED)
 
     def _guard(self, max_frame_size: int) -> None:
         self._limit = max_frame_size

@@ -20,7 +20,9 @@ import asyncio
 import codecs
 import logging
 from collections.abc import Callable, Collection
+from typing import cast
 
+from multidict import CIMultiDict, CIMultiDictProxy
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport, WSUpgradeRequest
 
 from nkservice.protocol.connection import Connection, Goodbye
@@ -41,6 +43,8 @@ _TEXT, _BINARY, _CONTINUATION, _CLOSE, _PING = (
 # MessageListener._mode: whole messages expected / inside a fragmented message / closed
 _MESSAGES, _FRAGMENTS, _DONE = range(3)
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
+# In place of each connection's upgrade headers, once read (read-only, shared by all).
+_NO_HEADERS = cast(CIMultiDict[str], CIMultiDictProxy(CIMultiDict[str]()))
 
 
 def text_frame_header(size: int) -> bytes:
@@ -53,8 +57,8 @@ def text_frame_header(size: int) -> bytes:
 
 
 class MessageListener(GuardedListener):
-    __slots__ = ("_accept", "_batch", "_conn", "_fragments", "_max_size", "_mode", "_paused",
-                 "_scheme", "_utf8", "_wakeups", "_ws")
+    __slots__ = ("_accept", "_batch", "_conn", "_fragments", "_key", "_max_size", "_mode",
+                 "_paused", "_scheme", "_utf8", "_wake_ups", "_ws")
 
     def __init__(self, accept: Accept, scheme: str) -> None:
         super().__init__()
@@ -62,7 +66,8 @@ class MessageListener(GuardedListener):
         self._scheme = scheme
         self._ws: WSTransport | None = None
         self._conn: Connection | None = None
-        self._wakeups: WakeUps | None = None
+        self._wake_ups: WakeUps | None = None
+        self._key = 0
         self._fragments: FragmentAssembler | None = None  # made for the first fragmented message
         self._utf8: codecs.IncrementalDecoder | None = None  # checks fragmented text as it comes
         self._mode = _MESSAGES
@@ -72,11 +77,11 @@ class MessageListener(GuardedListener):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self._ws = transport
-        loop = asyncio.get_running_loop()
-        self._wakeups = WakeUps(loop)
+        forget_headers(transport)
+        wake_ups = self._wake_ups = WakeUps.of(asyncio.get_running_loop())
+        self._key = wake_ups.new_key()
         host, port = peer_address(transport.underlying_transport)
-        self._conn = self._accept(self, loop.time, self._scheme, host, port)
-        self._wakeups.attach(self._conn)
+        self._conn = self._accept(self, wake_ups.clock, self._scheme, host, port)
         self._max_size = self._conn.limits.max_message_size
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
@@ -195,11 +200,14 @@ class MessageListener(GuardedListener):
             self._conn.lost()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
+        # Let go of the connection (it points back here: a cycle) and of the transport.
         self._mode = _DONE
-        if self._wakeups is not None:
-            self._wakeups.cancel()
-        if self._conn is not None:
-            self._conn.lost()
+        conn, self._conn = self._conn, None
+        self._ws = self._batch = self._fragments = self._utf8 = None
+        if self._wake_ups is not None:
+            self._wake_ups.cancel(self._key)
+        if conn is not None:
+            conn.lost()
 
     def _flush(self) -> None:
         batch, self._batch = self._batch, None
@@ -220,17 +228,18 @@ class MessageListener(GuardedListener):
         batch = self._batch
         if batch is None:  # outside a read: written at the end of this turn of the loop
             self._batch = batch = []
-            asyncio.get_running_loop().call_soon(self._flush)
+            assert self._wake_ups is not None
+            self._wake_ups.call_soon(self._flush)
         batch += (text_frame_header(len(data)), data)
 
     def close(self, goodbye: Goodbye) -> None:
-        self._close_transport(WSCloseCode(goodbye.code), goodbye.reason)
+        if self._ws is not None:  # else gone already
+            self._close_transport(WSCloseCode(goodbye.code), goodbye.reason)
 
     def backlog(self) -> int:
         # Asked for at every event sent: only look once the transport has said it is full.
-        if not self._paused:
+        if not self._paused or self._ws is None:
             return 0
-        assert self._ws is not None
         size: int = self._ws.underlying_transport.get_write_buffer_size()
         return size
 
@@ -241,8 +250,21 @@ class MessageListener(GuardedListener):
         self._paused = False
 
     def wake_at(self, when: float) -> None:
-        assert self._wakeups is not None
-        self._wakeups.wake_at(when)
+        if self._wake_ups is not None and self._ws is not None:  # not once disconnected
+            self._wake_ups.wake_at(self._key, self, when)
+
+    def on_timer(self) -> None:
+        if self._conn is not None:
+            self._conn.on_timer()
+
+
+def forget_headers(transport: WSTransport) -> None:
+    """Let go of the upgrade request's and response's headers once the handshake is done:
+    nothing reads them afterwards, and each is a `CIMultiDict` the garbage collector walks,
+    with every header's text, for as long as the connection lives."""
+    for message in (transport.request, transport.response):
+        if message is not None:
+            message.headers = _NO_HEADERS
 
 
 def _is_utf8(payload: bytes) -> bool:
