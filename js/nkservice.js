@@ -344,15 +344,13 @@ export class NkClient {
     if (link !== this.#link || !link.loggedIn || this.#state !== "connected") {
       return; // a connect under way sees it fails by itself
     }
-    this.#emit("disconnected", { code, reason: link.reason });
-    if (this.#closing) return;
     // Someone else logged in with our session id: reconnecting would throw them out in turn.
     const replaced = link.reason.startsWith("replaced by");
-    if (this.#options.reconnect && !replaced) {
-      this.#reconnect();
-    } else {
-      this.#finish(link.reason);
-    }
+    const again = this.#options.reconnect && !replaced && !this.#closing;
+    if (again) this.#state = "reconnecting"; // as the "disconnected" listeners should see it
+    this.#emit("disconnected", { code, reason: link.reason });
+    if (again) this.#reconnect();
+    else if (!this.#closing) this.#finish(link.reason);
   }
 
   /** Try again and again, with full-jitter exponential backoff, until logged in or closed. */
@@ -566,14 +564,14 @@ export class NkClient {
     const { class: cls, cmd, tid } = request;
     const data = request.data ?? {};
     if (cls === "core" && cmd === "event") {
-      this.#answer(link, tid, {}); // answered first: the server's deadline is not our handlers'
+      this.#answer(link, tid); // answered first: the server's deadline is not our handlers'
       this.#deliver(data);
       return;
     }
     if (cls === "core" && cmd === "ping") this.#watch(link, data.time);
     const handler = this.#handlers.get(`${cls}\0${cmd}`) ?? this.#handlers.get(`${cls}\0*`);
     if (!handler) {
-      if (cls === "core" && cmd === "ping") this.#answer(link, tid, {});
+      if (cls === "core" && cmd === "ping") this.#answer(link, tid);
       else this.#answer(link, tid, undefined, new NkError("unknown_command", `Unknown command '${cmd}'`));
       return;
     }

@@ -45,10 +45,14 @@ export function notes({ request, user }) {
 /** Connect, log in and register; resolves with the client once callbacks are served. */
 export async function serve(url, { service = "demo", password = "admin" } = {}) {
   const client = new NkClient(url, { user: "admin", password });
-  client.on("disconnected", ({ reason }) => console.error(`auth_backend: disconnected (${reason}); reconnecting`));
   await client.connect();
   await client.registerCallback("login", { service }, authorize);
   await client.registerCallback("cmd", { service, class: "notes" }, notes);
+  // After a drop the client logs in and registers again by itself, then says "connected".
+  client.on("disconnected", ({ reason }) => {
+    if (client.state === "reconnecting") console.error(`auth_backend: disconnected (${reason}); reconnecting`);
+  });
+  client.on("connected", () => console.error("auth_backend: reconnected, callbacks registered again"));
   return client;
 }
 
