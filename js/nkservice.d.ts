@@ -37,6 +37,8 @@ export class NkError extends Error {
 /** A WebSocket constructor as in browsers (and Node 22+, or Node 20 with --experimental-websocket). */
 export interface WebSocketLike {
   readonly readyState: number;
+  /** Set to "arraybuffer" by the client (the server sends text frames; binary is read too). */
+  binaryType?: string;
   send(data: string): void;
   close(code?: number, reason?: string): void;
   // Set by the client: open, message ({data}), close ({code, reason}), error.
@@ -106,6 +108,8 @@ export interface NkEvent {
 export interface SubscribeFilter {
   class: string;
   subclass?: string;
+  /** The seed's name of `subclass`. */
+  obj?: string;
   type?: string;
   obj_id?: string;
   /** Another service's events (global admin only); leave it out for the session's own. */
@@ -118,7 +122,7 @@ export type EventHandler = (event: NkEvent) => void | Promise<void>;
 
 export interface Subscription {
   /** The subscription's keys, wildcards filled in. */
-  readonly filter: Readonly<Required<Omit<SubscribeFilter, "service" | "body">>> &
+  readonly filter: Readonly<Required<Pick<SubscribeFilter, "class" | "subclass" | "type" | "obj_id">>> &
     Readonly<Pick<SubscribeFilter, "service" | "body">>;
   /** false once unsubscribed. */
   readonly active: boolean;

@@ -210,8 +210,9 @@ export class NkClient {
 
   /** Close the connection (close frame 1000) and stop reconnecting; what waits rejects. */
   async close() {
-    if (this.#state === "closed" || this.#state === "idle") {
-      this.#state = "closed";
+    if (this.#state === "closed") return;
+    if (this.#state === "idle") { // never connected: only requests waiting for connect()
+      this.#finish("closed by the client");
       return;
     }
     this.#closing = true;

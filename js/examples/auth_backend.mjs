@@ -13,6 +13,7 @@
 //   `notes`/`list` returns the user's notes.
 // Run several copies: each callback goes to one of them, in turn, and to another when one
 // dies. The client reconnects by itself and registers again. Ctrl-C stops it.
+import { realpathSync } from "node:fs";
 import process from "node:process";
 import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
@@ -78,4 +79,5 @@ async function main() {
   process.once("SIGTERM", stop);
 }
 
-if (import.meta.url === pathToFileURL(process.argv[1] ?? "").href) main();
+// Run as a program (not imported): compare real paths, since the loader resolves symlinks.
+if (process.argv[1] && import.meta.url === pathToFileURL(realpathSync(process.argv[1])).href) main();

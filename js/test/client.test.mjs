@@ -193,3 +193,13 @@ test("without any WebSocket, connect() says how to get one", async () => {
     globalThis.WebSocket = saved;
   }
 });
+
+test("requests wait for connect(); close() before it rejects them", async () => {
+  const client = new NkClient("ws://fake/", { WebSocket: FakeSocket });
+  const closed = new Promise((resolve) => client.on("closed", resolve));
+  const waiting = client.request("core", "ping");
+  await client.close();
+  await assert.rejects(waiting, { code: "connection_closed", message: "Connection closed: closed by the client" });
+  assert.deepEqual(await closed, { reason: "closed by the client" });
+  assert.equal(client.state, "closed");
+});

@@ -20,10 +20,10 @@ before(async () => {
   server = await startServer({
     services: {
       demo: { users: { alice: "pw1", bob: "pw2" }, admin: { user: "boss", password: "pw" } },
-      // Pings every 0.2 s, to be answered within 0.5 s: a client that did not answer them (or
-      // the events) would be disconnected within a second.
+      // Pings every 0.2 s, to be answered within 1 s: a client that did not answer them (or
+      // the events) would be disconnected within 1.2 s.
       brisk: { users: { carol: "pw3" }, admin: { user: "boss", password: "pw" },
-        ping_interval: 0.2, request_timeout: 0.5 },
+        ping_interval: 0.2, request_timeout: 1 },
     },
   });
 });
@@ -146,20 +146,18 @@ describe("bad input (§5) keeps the connection", () => {
 
 describe("deadlines and acks (§3)", () => {
   test("acks from the other side keep a request alive past its timeout", async () => {
-    const bob = client("demo", { user: "bob", password: "pw2", ackAfter: 0.05 });
-    const started = deferred();
+    const bob = client("demo", { user: "bob", password: "pw2", ackAfter: 0.02 });
     bob.handle("work", "slow", async (data) => {
-      started.resolve();
-      await new Promise((resolve) => setTimeout(resolve, 800)); // the work itself
+      await new Promise((resolve) => setTimeout(resolve, 1000)); // the work itself
       return { done: data.n };
     });
     await bob.connect();
     const wire = recordingWebSocket();
     const boss = client("demo", { user: "boss", password: "pw", WebSocket: wire.WebSocket });
     await boss.connect();
-    // 0.3 s would have passed long before the answer: the acks passed on move the deadline.
+    // 0.5 s pass long before the answer: the acks passed on move the deadline.
     const reply = await boss.request("core", "cmd", { session_id: bob.sessionId, class: "work", cmd: "slow",
-      data: { n: 7 } }, { subclass: "session", timeout: 0.3 });
+      data: { n: 7 } }, { subclass: "session", timeout: 0.5 });
     assert.deepEqual(reply, { done: 7 });
     const tid = wire.sent.at(-1).tid;
     assert.ok(wire.received.some((m) => m.ack === tid), "the server passed an ack on");
@@ -238,11 +236,11 @@ describe("server requests (§3, §12)", () => {
     const enough = deferred();
     carol.handle("core", "ping", (data, request) => { // a handler may watch the pings
       pings.push(request.tid);
-      if (pings.length === 5) enough.resolve();
+      if (pings.length === 8) enough.resolve();
     });
     await carol.connect();
-    await enough.promise; // 5 pings of 0.2 s, each with 0.5 s to be answered: > 2 deadlines
-    for (const tid of pings.slice(0, 4)) {
+    await enough.promise; // 8 pings of 0.2 s, each with 1 s to be answered: past a deadline
+    for (const tid of pings.slice(0, 7)) {
       assert.ok(wire.sent.some((m) => m.tid === tid && m.result === "ok"), `ping ${tid} answered`);
     }
     assert.equal(wire.received.find((m) => m.cmd === "ping").data.time, 0.2);
@@ -271,10 +269,10 @@ describe("server requests (§3, §12)", () => {
     const eventTids = wire.received.filter((m) => m.cmd === "event").map((m) => m.tid);
     const answered = new Set(wire.sent.filter((m) => m.result === "ok").map((m) => m.tid));
     assert.ok(eventTids.every((tid) => answered.has(tid)), "every event answered");
-    // Past the server's deadline (0.5 s) for the last of them: still there.
+    // Past the server's deadline (1 s) for the last of them: still there.
     let pings = 0;
     const later = deferred();
-    carol.handle("core", "ping", () => { if (++pings === 4) later.resolve(); });
+    carol.handle("core", "ping", () => { if (++pings === 6) later.resolve(); });
     await later.promise;
     assert.equal(disconnected, false);
     assert.deepEqual(await carol.request("core", "ping"), {});
