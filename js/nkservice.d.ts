@@ -32,6 +32,10 @@ export class NkError extends Error {
   readonly data: unknown;
   /** Every error name of §14 with its number. */
   static readonly codes: Readonly<Record<string, number>>;
+  /** The NkError of an error answer's data (`{code: <number>, error: <text>}`). */
+  static fromAnswer(data: unknown): NkError;
+  /** The data of the error answer that says this error: `{code: number, error: message}`. */
+  toAnswer(): { code: number; error: string };
 }
 
 /** A WebSocket constructor as in browsers (and Node 22+, or Node 20 with --experimental-websocket). */

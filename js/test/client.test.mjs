@@ -183,14 +183,15 @@ test("NkError: names and numbers of §14", () => {
 });
 
 test("without any WebSocket, connect() says how to get one", async () => {
-  const saved = globalThis.WebSocket;
-  globalThis.WebSocket = undefined;
+  const saved = Object.getOwnPropertyDescriptor(globalThis, "WebSocket");
+  Object.defineProperty(globalThis, "WebSocket", { value: undefined, configurable: true, writable: true });
   try {
     const client = new NkClient("ws://127.0.0.1:1/");
     await assert.rejects(client.connect(), /--experimental-websocket/);
     assert.equal(client.state, "closed");
   } finally {
-    globalThis.WebSocket = saved;
+    if (saved) Object.defineProperty(globalThis, "WebSocket", saved);
+    else delete globalThis.WebSocket;
   }
 });
 

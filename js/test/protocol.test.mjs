@@ -24,6 +24,7 @@ before(async () => {
       // the events) would be disconnected within 1.2 s.
       brisk: { users: { carol: "pw3" }, admin: { user: "boss", password: "pw" },
         ping_interval: 0.2, request_timeout: 1 },
+      narrow: { users: { alice: "pw1" }, max_pending_requests: 1, max_bad_messages: 2 },
     },
   });
 });
@@ -141,6 +142,38 @@ describe("bad input (§5) keeps the connection", () => {
     assert.deepEqual(await alice.request("core", "ping"), {});
     assert.equal(alice.state, "connected");
     assert.equal(wire.sockets.length, 1);
+  });
+});
+
+describe("limits (§5)", () => {
+  test("too many requests waiting: too_many_requests, and the others go on", async () => {
+    const app = client("core", { user: "admin", password: "admin" });
+    const release = deferred();
+    await app.connect();
+    await app.registerCallback("cmd", { service: "narrow", class: "hold" }, () => release.promise);
+    const alice = client("narrow", { user: "alice", password: "pw1" });
+    await alice.connect();
+    const held = alice.request("hold", "a");
+    await assert.rejects(alice.request("hold", "b"), { code: "too_many_requests", number: 100078 });
+    release.resolve({ released: true });
+    assert.deepEqual(await held, { released: true });
+    await app.unregisterCallback("cmd", { service: "narrow", class: "hold" });
+  });
+
+  test("too many bad messages: the server closes, says why, and the client comes back", async () => {
+    const wire = recordingWebSocket();
+    const alice = client("narrow", { user: "alice", password: "pw1", WebSocket: wire.WebSocket,
+      backoff: { initial: 0.01, max: 0.05 } });
+    alice.on("error", () => {}); // the invalid_json answers
+    await alice.connect();
+    const disconnected = next(alice, "disconnected");
+    const back = next(alice, "connected");
+    for (let i = 0; i < 3; i++) wire.raw("garbage");
+    assert.deepEqual(await disconnected, { code: 1008, reason: "too many bad messages" });
+    const login = await back;
+    assert.equal(login.session_id, alice.sessionId);
+    assert.equal(wire.sockets.length, 2);
+    assert.deepEqual(await alice.request("core", "ping"), {});
   });
 });
 
