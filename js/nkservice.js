@@ -436,7 +436,8 @@ export class NkClient {
       data: entry.data });
     try {
       if (!link.write(message)) {
-        this.#settle(entry, new NkError("connection_closed", `Connection closed: ${link.reason}`));
+        this.#settle(entry, new NkError("connection_closed",
+          `Connection closed: ${link.reason ?? "the connection is closing"}`));
       }
     } catch (error) { // data that JSON cannot carry (a BigInt, a cycle)
       this.#settle(entry, error);
