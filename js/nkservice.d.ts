@@ -189,7 +189,8 @@ export class NkClient {
 
   /**
    * Send a request; resolves with the ok answer's data (`{}` when it has none), rejects with
-   * an `NkError`. While connecting or reconnecting the request waits for the connection.
+   * an `NkError`. Before connect() and while (re)connecting, the request waits for the
+   * connection (its timeout runs) and is written right behind the login.
    */
   request<T = any>(cls: string, cmd: string, data?: unknown,
                    options?: { subclass?: string; timeout?: number }): Promise<T>;

@@ -76,6 +76,13 @@ export async function startServer({ services = {}, core = {} } = {}) {
   child.stdout.on("data", (chunk) => output.push(chunk.toString()));
   child.stderr.on("data", (chunk) => output.push(chunk.toString()));
   const exited = new Promise((resolve) => child.once("exit", resolve));
+  // A test file that fails before its stop() must still end, and take its node with it:
+  // the child does not keep it alive, and is killed when it exits.
+  child.unref();
+  child.stdout.unref();
+  child.stderr.unref();
+  const orphaned = () => child.kill("SIGKILL");
+  process.once("exit", orphaned);
   try {
     const deadline = Date.now() + 20_000;
     for (const port of ports) await waitForPort(port, child, output, deadline);
@@ -91,6 +98,7 @@ export async function startServer({ services = {}, core = {} } = {}) {
     /** The URL of a service ("core" for the admin API). */
     url: (name) => urls[name],
     async stop() {
+      process.off("exit", orphaned);
       if (child.exitCode === null) {
         child.kill("SIGTERM");
         const killer = setTimeout(() => child.kill("SIGKILL"), 5000);

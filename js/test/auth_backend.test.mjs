@@ -26,6 +26,7 @@ function startBackend() {
     child.once("exit", (code) => reject(new Error(`auth_backend exited (${code}):\n${output}`)));
   });
   const exited = new Promise((resolve) => child.once("exit", resolve));
+  process.once("exit", () => child.kill("SIGKILL")); // it would reconnect forever otherwise
   return { child, ready, exited };
 }
 
