@@ -58,6 +58,13 @@ export interface NkClientOptions {
   user?: string;
   /** The login's `password`. */
   password?: string;
+  /**
+   * The name of the service the URL leads to. Events of the session's own service arrive
+   * without a `service` field: knowing the name lets a subscription that names it
+   * (`{service: "demo", ...}`) match them. Without it, leave `service` out of subscriptions
+   * to the session's own service.
+   */
+  service?: string;
   /** The login's `meta` (any JSON), kept with the session. */
   meta?: unknown;
   /**

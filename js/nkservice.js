@@ -91,11 +91,12 @@ const wild = (value) => (typeof value === "string" ? value : "*");
 
 /**
  * Does a subscription match a delivered event (§10.1)? The server leaves out fields that are
- * `"*"`, and names the service only when it is not the session's own.
+ * `"*"`, and names the service only when it is not the session's own (`home`, when known:
+ * then a filter may name it too).
  */
-function matches(filter, event) {
+function matches(filter, event, home) {
   return event.class === filter.class
-    && event.service === filter.service
+    && (event.service ?? home) === (filter.service ?? home)
     && [["subclass", wild(event.subclass ?? event.obj)], ["type", wild(event.type)],
       ["obj_id", wild(event.obj_id)]]
       .every(([field, value]) => filter[field] === "*" || filter[field] === value);
@@ -514,7 +515,9 @@ export class NkClient {
   #deliver(event) {
     if (isObject(event) && typeof event.class === "string") {
       for (const sub of [...this.#subscriptions]) {
-        if (sub.handler && matches(sub.filter, event)) this.#guard(() => sub.handler(event));
+        if (sub.handler && matches(sub.filter, event, this.#options.service)) {
+          this.#guard(() => sub.handler(event));
+        }
       }
     }
     this.#emit("event", event);

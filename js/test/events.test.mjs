@@ -166,3 +166,13 @@ test("the global admin follows another service's events with `service`", async (
   await send(boss, { class: "audit", type: "login", body: { who: "x" } });
   assert.deepEqual(await got.promise, { class: "audit", type: "login", body: { who: "x" }, service: "demo" });
 });
+
+test("a subscription that names the session's own service matches once the client knows it", { timeout: 5000 }, async () => {
+  const alice = await connected("demo", "alice", "pw1", { service: "demo" });
+  const boss = await connected("demo", "boss", "pw");
+  const got = deferred();
+  await alice.subscribe({ class: "named", service: "demo" }, (event) => got.resolve(event));
+  await send(boss, { class: "named", body: { n: 1 } });
+  // Sent without `service` (the session's own): matched through the `service` option.
+  assert.deepEqual(await got.promise, { class: "named", body: { n: 1 } });
+});
