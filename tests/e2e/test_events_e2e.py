@@ -518,6 +518,27 @@ async def test_a_session_resumes_with_what_it_missed(
         "core", "core", "media"]
 
 
+async def test_events_written_but_not_answered_come_again_on_resume(
+        make_node: NodeFactory, connect: PeerFactory, transport: str) -> None:
+    """An event the connection took but the client never answered may never have reached
+    it (a connection that drops loses what was on its way): a resume delivers it again."""
+    node = await make_node(demo={"resume_window": 30})
+    admin, _ = await user(connect, node, transport, "demo-admin", "pw")
+    first, _ = await user(connect, node, transport, "alice", "pw1", session_id="phone")
+    await ok(first, "subscribe", {"class": "media"})
+    for n in range(2):
+        await ok(admin, "send_event", {"class": "media", "body": {"n": n}})
+    unanswered = await first.recv()
+    assert unanswered["data"]["body"] == {"n": 0}
+    assert (await next_event(first))["body"] == {"n": 1}  # answered
+    await first.close()
+    await gone(admin, "alice")
+    await ok(admin, "send_event", {"class": "media", "body": {"n": 2}})
+    again = await connect(node, "demo", transport)
+    assert (await again.login("alice", "pw1", session_id="phone"))["resumed"] is True
+    assert [(await next_event(again))["body"] for _ in range(2)] == [{"n": 0}, {"n": 2}]
+
+
 @pytest.mark.one_process
 async def test_no_resume_for_another_user_or_after_the_window(
         make_node: NodeFactory, connect: PeerFactory, transport: str) -> None:

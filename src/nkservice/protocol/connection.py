@@ -163,7 +163,9 @@ class Connection:
         self._clock = clock
         self._next_tid = 1
         self._sent: dict[int, _Sent] = {}
-        self._events: dict[int, float] = {}  # tid → deadline of each event not yet answered
+        # tid → (deadline, data) of each event written and not yet answered: the data is
+        # what a resumed session gets again if this connection ends first.
+        self._events: dict[int, tuple[float, bytes]] = {}
         self._unanswered = 0
         self._queued = 0  # messages sent since the transport's buffer last drained
         self._last_backlog = 0
@@ -209,8 +211,8 @@ class Connection:
             assert type(message) is Ack
             tid = message.tid
             deadline = self._clock() + self.limits.ack_timeout
-            if type(tid) is int and tid in self._events:
-                self._events[tid] = deadline
+            if type(tid) is int and (event := self._events.get(tid)) is not None:
+                self._events[tid] = (deadline, event[1])
                 return
             sent = self._sent.get(tid) if type(tid) is int else None
             if sent is None:
@@ -294,7 +296,7 @@ class Connection:
         tid = self._next_tid
         self._next_tid += 1
         deadline = self._clock() + limits.request_timeout
-        self._events[tid] = deadline
+        self._events[tid] = (deadline, data)
         self._want_wake(deadline)
         self._wire.send(b'{"class":"core","cmd":"event","tid":%d,"data":%b}' % (tid, data))
 
@@ -366,7 +368,7 @@ class Connection:
             self.send_request("core", "ping", {"time": interval})
         deadlines = [sent.deadline for sent in self._sent.values()]
         if self._events:
-            deadlines.append(min(self._events.values()))
+            deadlines.append(min(deadline for deadline, _ in self._events.values()))
         if deadlines and min(deadlines) <= now:
             self.close("request timeout", waiters_get=ErrorCode.timeout)
             return
@@ -392,6 +394,11 @@ class Connection:
             self.end_reason = reason
             self._wire.close(Goodbye(code, reason))
             self.lost()
+
+    def unanswered_events(self) -> list[bytes]:
+        """The data of the events written and not answered, oldest first: when the
+        connection has ended, the client may never have seen them."""
+        return [data for _, data in self._events.values()]
 
     def lost(self) -> None:
         """The transport is gone (or `close` was called): fail waiters, tell the handler."""

@@ -102,6 +102,8 @@ class LocalSessionRegistry:
             self._events.drop(session)
             return
         parked = ParkedSession(session, config.resume_buffer)
+        for data in session.conn.unanswered_events():  # written, maybe never read
+            parked.deliver(data)
         self._events.move(session, parked)
         parked.expiry = asyncio.get_running_loop().call_later(
             config.resume_window, self._unpark, book, parked.session_id)
