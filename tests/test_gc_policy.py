@@ -73,15 +73,24 @@ async def test_a_full_collection_freezes_what_survived_it(policy: GcPolicy) -> N
     assert not any(obj is kept[0] for obj in gc.get_objects())  # not walked any more
 
 
+async def test_a_collection_of_generation_1_freezes_too(policy: GcPolicy) -> None:
+    kept = Node()
+    freezes = policy.freezes
+    gc.collect(0)  # the youngest: nothing frozen
+    assert policy.freezes == freezes
+    assert any(obj is kept for obj in gc.get_objects())
+    gc.collect(1)
+    assert policy.freezes == freezes + 1
+    assert not any(obj is kept for obj in gc.get_objects())
+
+
 async def test_young_cycles_are_still_collected(policy: GcPolicy) -> None:
     first, second = Node(), Node()
     first.other, second.other = second, first
     watch = weakref.ref(first)
     del first, second
-    freezes = policy.freezes
-    gc.collect(1)  # a young collection: no freeze, the cycle is found
+    gc.collect(1)  # found before anything is frozen
     assert watch() is None
-    assert policy.freezes == freezes
 
 
 async def test_a_cycle_of_frozen_objects_waits_for_an_audit(policy: GcPolicy) -> None:
@@ -109,6 +118,24 @@ async def test_an_audit_is_due_after_the_interval_or_on_growth(policy: GcPolicy)
     policy.spacing = 3600.0  # but never twice within `spacing`
     assert not policy.due()
     del kept
+
+
+async def test_the_young_are_collected_when_many_frozen_objects_die(policy: GcPolicy) -> None:
+    """Frees of frozen objects count the youngest generation down: new objects pile up
+    there uncollected until a look sees the frozen objects gone."""
+    old = [Node() for _ in range(30_000)]
+    gc.collect()  # frozen
+    policy._tick()  # a look: nothing freed since
+    assert policy.young_collections == 0
+    young = []
+    for _ in range(3000):  # ten frozen objects freed for each new one
+        del old[-10:]
+        young.append(Node())
+    assert len(gc.get_objects(0)) >= len(young)  # piled up: no collection came
+    policy._tick()
+    assert policy.young_collections == 1
+    assert len(gc.get_objects(0)) < 100
+    assert not any(obj is young[0] for obj in gc.get_objects())  # collected, then frozen
 
 
 async def test_the_checks_run_the_audit_when_due() -> None:
