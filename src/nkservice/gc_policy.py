@@ -28,21 +28,23 @@ What this module does, once the process serves (`apply_gc_policy`):
   then: `gc.unfreeze()`, a full collection of everything, `gc.freeze()` again. It costs
   one walk of the whole process, so it is rare: every `AUDIT_INTERVAL` seconds (each
   process a little apart from the others, so that a node's workers do not all pause at
-  once), and sooner, but not within `AUDIT_SPACING` of the last one, when the frozen
-  objects have grown `AUDIT_GROWTH` times over since the last audit (start-up counts as
-  one) and by `AUDIT_FLOOR` objects at least (a worker starts with some 35,000 objects and
-  12,500 sessions add some 300,000: that is no leak). What leaks in cycles is then
-  bounded: freed within an interval, and never more than a few times what the process
-  holds. Each audit logs what it walked, freed and took (an audit of 400,000 objects:
-  some 200 ms).
-- **Young objects collected when many frozen ones die.** The collector counts its
+  once), and sooner, but not within `AUDIT_SPACING` of the last one, when the memory
+  blocks in use (`sys.getallocatedblocks()`) have grown `AUDIT_GROWTH` times over since
+  the last audit (start-up counts as one) and by `AUDIT_FLOOR` blocks at least (a worker
+  starts with some 35,000 objects and 12,500 sessions add some 300,000: that is no leak).
+  What leaks in cycles is then bounded: freed within an interval, and never more than a
+  few times what the process holds. Each audit logs what it walked, freed and took (an
+  audit of 400,000 objects: some 200 ms).
+- **The young collected when nothing else collects them.** The collector counts its
   youngest generation down whenever a tracked object is freed: while thousands of frozen
   objects are freed (every session of a worker dropped at once), new objects pile up
   uncollected, and one collection then walks them all (up to 100 ms of CPU). A look every
-  `CHECK_EVERY` seconds collects the young generations when more than `YOUNG_AFTER_FREED`
-  frozen objects were freed since the last look or freeze.
+  `CHECK_EVERY` seconds collects the young generations if no collection came since the
+  last look.
 
-The thresholds of the collector are left as they are.
+The thresholds of the collector are left as they are. Nothing here calls
+`gc.get_freeze_count()` but start-up and the audits: it walks every frozen object (20 ms
+for 800,000 of them; called on every look, it took a worker's CPU in a reconnect storm).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import asyncio
 import gc
 import logging
 import random
+import sys
 import time
 from typing import Any
 
@@ -58,11 +61,10 @@ log = logging.getLogger(__name__)
 
 AUDIT_INTERVAL = 600.0  # seconds between two audits, at most (± AUDIT_JITTER)
 AUDIT_JITTER = 0.1  # each process's interval is AUDIT_INTERVAL * (1 ± this), at random
-AUDIT_GROWTH = 8.0  # an audit once the frozen objects are this many times the last audit's
-AUDIT_FLOOR = 1_000_000  # ... and at least this many more (a small start grows that much)
+AUDIT_GROWTH = 8.0  # an audit once the memory blocks are this many times the last audit's
+AUDIT_FLOOR = 2_000_000  # ... and at least this many more (a small start grows that much)
 AUDIT_SPACING = 60.0  # seconds between two audits, at least
-CHECK_EVERY = 0.25  # seconds between two looks at the frozen objects
-YOUNG_AFTER_FREED = 1000  # frozen objects freed since the last look: collect the young now
+CHECK_EVERY = 0.25  # seconds between two looks (each costs some 50 µs)
 FREEZE_FROM = 1  # a collection of this generation or an older one freezes its survivors
 
 _active: GcPolicy | None = None
@@ -70,14 +72,15 @@ _active: GcPolicy | None = None
 
 class GcPolicy:
     """The policy of one process (see the module's docstring). `start()` applies it,
-    `stop()` takes it back (tests)."""
+    `stop()` takes it back (tests). Growth is read from the memory blocks in use
+    (`sys.getallocatedblocks()`, some 50 µs), a held-back young generation from the
+    collector's own counts of collections (`gc.get_stats()`, 2 µs)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *,
                  interval: float = AUDIT_INTERVAL, growth: float = AUDIT_GROWTH,
                  floor: int = AUDIT_FLOOR, spacing: float = AUDIT_SPACING,
                  check_every: float = CHECK_EVERY, jitter: float = AUDIT_JITTER,
-                 freeze_from: int = FREEZE_FROM,
-                 young_after_freed: int = YOUNG_AFTER_FREED) -> None:
+                 freeze_from: int = FREEZE_FROM) -> None:
         self._loop = loop
         self.interval = interval * (1.0 + random.uniform(-jitter, jitter))
         self.growth = growth
@@ -85,20 +88,19 @@ class GcPolicy:
         self.freeze_from = freeze_from
         self.spacing = spacing
         self.check_every = check_every
-        self.young_after_freed = young_after_freed
-        self._last_frozen = 0  # at the last look
-        self.young_collections = 0  # made here, after many frozen objects were freed
         self._check: asyncio.TimerHandle | None = None
         self._auditing = False
         self.running = False
         self.freezes = 0  # collections followed by a freeze
+        self.young_collections = 0  # made here: none had come since the last look
+        self._collections = 0  # the collector's, at the last look
         self.audits = 0
-        self.audit_frozen = 0  # objects frozen right after the last audit (or start-up)
+        self.audit_blocks = 0  # memory blocks in use right after the last audit (or start)
         self.last_audit = 0.0  # time.monotonic() of the last audit (or start-up)
         self.last_report: dict[str, Any] = {}
 
     def start(self) -> None:
-        """Freeze what start-up made, hook the collector, start the checks."""
+        """Freeze what start-up made, hook the collector, start the looks."""
         if self.running:
             return
         self.running = True
@@ -138,31 +140,33 @@ class GcPolicy:
             gc.unfreeze()
             freed = gc.collect()
             gc.freeze()
+            frozen = gc.get_freeze_count()
         finally:
             self._auditing = False
-        self.audit_frozen = self._last_frozen = gc.get_freeze_count()
+        self.audit_blocks = sys.getallocatedblocks()
         self.last_audit = time.monotonic()
-        self.last_report = {"walked": walked, "freed": freed, "frozen": self.audit_frozen,
+        self.last_report = {"walked": walked, "freed": freed, "frozen": frozen,
                             "ms": 1000 * (time.perf_counter() - started)}
         return self.last_report
 
     def _after_collection(self, phase: str, info: dict[str, Any]) -> None:
         # Called by the collector itself: nothing here but the freeze (no loop calls, no
-        # logging: the collection may have started anywhere). The younger generations are
-        # empty at this point: what is frozen is what survived this collection.
+        # logging: the collection may have started anywhere), which costs nothing (lists
+        # joined). The younger generations are empty at this point: what is frozen is
+        # what survived this collection.
         if phase == "stop" and info["generation"] >= self.freeze_from and not self._auditing:
             gc.freeze()
             self.freezes += 1
-            self._last_frozen = gc.get_freeze_count()  # the young were just collected
 
     def due(self, now: float | None = None) -> bool:
-        """Is an audit due (the interval passed, or the frozen objects grew enough)?"""
+        """Is an audit due (the interval passed, or the memory in use grew enough)?"""
         since = (time.monotonic() if now is None else now) - self.last_audit
         if since >= self.interval:
             return True
-        frozen = gc.get_freeze_count()
-        return (since >= self.spacing and frozen > self.growth * self.audit_frozen
-                and frozen - self.audit_frozen > self.floor)
+        if since < self.spacing:
+            return False
+        blocks = sys.getallocatedblocks()
+        return blocks > self.growth * self.audit_blocks and blocks - self.audit_blocks > self.floor
 
     def _schedule(self) -> None:
         self._check = self._loop.call_later(self.check_every, self._tick)
@@ -179,18 +183,19 @@ class GcPolicy:
             self._schedule()
 
     def _collect_young_if_held_back(self) -> None:
-        """The collector counts the youngest generation down each time a tracked object is
-        freed, old or young. When thousands of frozen objects are freed (12,500 sessions
-        dropped at once), new objects pile up in the youngest generation uncollected, and
-        the collection that comes at last walks them all at once (some 100,000 objects,
-        up to 100 ms of CPU in a reconnect storm). A look every CHECK_EVERY seconds: if
-        many frozen objects were freed since the last one, the young are collected now
-        (generations 0 and 1: the survivors are frozen, not walked again)."""
-        frozen = gc.get_freeze_count()
-        if self._last_frozen - frozen > self.young_after_freed:
+        """The collector counts its youngest generation down each time a tracked object is
+        freed, old or young. While thousands of frozen objects are freed (a worker's
+        12,500 sessions dropped at once), new objects pile up in the youngest generation
+        uncollected, and the collection that comes at last walks them all at once (some
+        100,000 objects, up to 100 ms of CPU in a reconnect storm). So if no collection
+        came since the last look, the young generations are collected now (survivors
+        frozen): in a process that is not held back, that is a handful of objects."""
+        collections = sum(stats["collections"] for stats in gc.get_stats())
+        if collections == self._collections:
             gc.collect(1)
             self.young_collections += 1
-        self._last_frozen = gc.get_freeze_count()
+            collections += 1
+        self._collections = collections
 
 
 def apply_gc_policy(**options: Any) -> GcPolicy:
