@@ -1,12 +1,13 @@
 """nkservice benchmark: request round trips, memory per session, event fan-out,
 subscription matching (against bare servers built on the same libraries), what callbacks
 to external apps and Lua hooks cost, services created at run time, and clusters (workers,
-the NATS bus, 100,000 idle sessions).
+the NATS bus, 100,000 idle sessions), and what counting metrics costs a round trip.
 
     .venv/bin/python bench/run.py [--quick]
                                   [--only roundtrip|memory|fanout|matching|callbacks|services
-                                          |cluster ...]
+                                          |cluster|metrics ...]
                                   [--cluster-part workers|bus|idle ...]
+                                  [--metrics-baseline REF]
                                   [--server NAME ...]
 
 Every server runs in its own process and the load generator in another, each pinned to its
@@ -32,6 +33,7 @@ import cluster
 import fanout
 import matching
 import memory
+import metrics
 import orjson
 import psutil
 import report
@@ -48,7 +50,8 @@ from servers import (
     ServerSpec,
 )
 
-SECTIONS = ("roundtrip", "memory", "fanout", "matching", "callbacks", "services", "cluster")
+SECTIONS = ("roundtrip", "memory", "fanout", "matching", "callbacks", "services", "cluster",
+            "metrics")
 CLUSTER_PARTS = ("workers", "bus", "idle")
 FULL_TIMING = roundtrip.Timing(warmup=1.0, duration=4.0, rounds=5)
 QUICK_TIMING = roundtrip.Timing(warmup=0.5, duration=1.5, rounds=1)
@@ -83,6 +86,11 @@ def _parse_args() -> argparse.Namespace:
         "--cluster-part", action="append", choices=CLUSTER_PARTS,
         help="cluster section: run only this part (repeatable): workers (1 against 2), bus"
         " (on and off), idle (the idle sessions and the reconnect storm)",
+    )
+    parser.add_argument(
+        "--metrics-baseline", metavar="REF", default="",
+        help="metrics section: also run the code of this git ref (a temporary worktree),"
+        " e.g. 58a93d7, the last commit before metrics",
     )
     parser.add_argument(
         "--server",
@@ -293,6 +301,28 @@ def _cluster_section(
     return results
 
 
+def _metrics_section(ctx: RunContext, *, quick: bool, ref: str) -> metrics.MetricsResults:
+    timing = metrics.QUICK if quick else metrics.FULL
+    title = (
+        f"nkservice, metrics on against off{f' and the code at {ref}' if ref else ''};"
+        f" median of {timing.rounds} rounds, the order reversed every other round, each"
+        f" {timing.warmup:g} s warm-up + {timing.duration:g} s measured; vs off: the ratio"
+        " in the same round, median (range)"
+    )
+    print(f"## What metrics cost a round trip ({title})\n", flush=True)
+    results = metrics.run(ctx, timing, ref)
+    print(metrics.table(results), flush=True)
+    print()
+    print(metrics.counted_lines(results))
+    print()
+    print(metrics.targets(results))
+    print()
+    print(metrics.verdict(results), flush=True)
+    _print_failures(metrics.failures(results))
+    print()
+    return results
+
+
 def main() -> int:
     args = _parse_args()
     nofile = raise_nofile_limit()  # inherited by the servers and the load generator
@@ -314,6 +344,7 @@ def main() -> int:
     node_rows: list[services.NodeRow] = []
     store_rows: list[services.StoreRow] = []
     cluster_results = cluster.ClusterResults()
+    metrics_results = metrics.MetricsResults()
 
     if "roundtrip" in sections:
         timing = QUICK_TIMING if args.quick else FULL_TIMING
@@ -368,6 +399,10 @@ def main() -> int:
         cluster_results = _cluster_section(ctx, quick=args.quick, parts=parts)
         failed |= bool(cluster.failures(cluster_results))
 
+    if "metrics" in sections and NKSERVICE in chosen:
+        metrics_results = _metrics_section(ctx, quick=args.quick, ref=args.metrics_baseline)
+        failed |= bool(metrics.failures(metrics_results))
+
     # Every sample of every round, for a closer look than the medians in the tables.
     results = {
         "roundtrip": rows,
@@ -380,6 +415,7 @@ def main() -> int:
         "services_node": node_rows,
         "services_store": store_rows,
         "cluster": cluster_results,
+        "metrics": metrics_results,
     }
     (ctx.log_dir / "results.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     problems = _log_problems(ctx.log_dir)
