@@ -1,8 +1,9 @@
 """What a process counts for `/metrics`, and the Prometheus text a scrape gets.
 
-The counting is plain Python numbers in dicts: a request costs one dict increment and one
-histogram slot (the Prometheus client's own metric objects take a lock and a label look-up
-per increment, several times what a pipelined request costs here). Prometheus's client
+The counting is plain Python numbers in dicts: an answer costs two dict look-ups and an
+increment, and one answer in 16 a histogram slot (the Prometheus client's own metric
+objects take a lock and a label look-up per increment, several times what a pipelined
+request costs here; bench/metrics.py measures what is left). Prometheus's client
 renders them at scrape time, from a `Snapshot`: a plain, JSON-able copy, so the snapshots
 of a node's worker processes can be gathered over the cluster and added up — one scrape sees
 the whole node.
@@ -28,8 +29,13 @@ from prometheus_client.core import (
     Metric,
 )
 
+from nkservice.protocol.messages import Request
+
 MAX_LABEL_SETS = 1000
 OTHER = "_other"
+# The latency histogram times the 1st, 17th, 33rd... answer of each class, command and
+# result: timing every one cost more than all the rest of a pipelined request's counting.
+TIMED_EVERY = 16
 
 # Seconds. Answers of the core commands take microseconds; a callback app's, milliseconds.
 REQUEST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -79,7 +85,8 @@ FAMILIES = {family.name: family for family in (
     Family("nkservice_requests", "counter", "Client requests answered, by result (ok, or "
            "the error code).", ("class", "cmd", "result")),
     Family("nkservice_request_duration_seconds", "histogram", "Time from a client request's "
-           "arrival to its answer.", (), REQUEST_BUCKETS),
+           "arrival to its answer, for one answer in 16 of each class, cmd and result.", (),
+           REQUEST_BUCKETS),
     Family("nkservice_events_published", "counter", "Events published.", ("service",)),
     Family("nkservice_events_delivered", "counter", "Events sent to subscribed sessions.",
            ("service",)),
@@ -106,24 +113,51 @@ class Metrics:
                  ) -> None:
         self._gauges = gauges
         self._values: dict[str, dict[Labels, Any]] = {name: {} for name in FAMILIES}
-        self._requests = self._values["nkservice_requests"]
+        self._requests = self._values["nkservice_requests"]  # errors: (class, cmd, name)
+        self._ok: dict[str, dict[str, int]] = {}  # class → cmd → ok answers
+        self._ok_sets = 0
         self._request_times = self._histogram("nkservice_request_duration_seconds", ())
         self._published = self._values["nkservice_events_published"]
         self._delivered = self._values["nkservice_events_delivered"]
 
     # -- counting (the hot paths first) ----------------------------------------------------
 
-    def request(self, class_: str, cmd: str, result: str, started: float) -> None:
-        """A client request was answered (`started`: `perf_counter()` at its arrival)."""
-        seconds = perf_counter() - started
-        key = (class_, cmd, result)
+    def ok(self, request: Request) -> None:
+        """A client request answered ok (its `received`: `perf_counter()` at its arrival).
+        Counted by class, then command: a str keeps its hash, where a new tuple would be
+        hashed again at each look-up."""
+        try:
+            counts = self._ok[request.class_]
+            cmd = request.cmd
+            counts[cmd] = answered = counts[cmd] + 1
+        except KeyError:
+            answered = self._first_ok(request.class_, request.cmd)
+        if answered % TIMED_EVERY == 1:
+            self._time(request.received)
+
+    def failed(self, request: Request, result: str) -> None:
+        """A client request answered with an error (`result`: its name)."""
+        key = (request.class_, request.cmd, result)
         requests = self._requests
-        if key in requests:
-            requests[key] += 1
-        else:
-            self._add(requests, key, 1)
+        self._add(requests, key, 1)
+        if requests.get(key, 0) % TIMED_EVERY == 1:
+            self._time(request.received)
+
+    def _first_ok(self, class_: str, cmd: str) -> int:
+        """The first ok answer of a class and command: a new label set, or `_other` past
+        the limit (then not timed)."""
+        if len(self._requests) + self._ok_sets >= MAX_LABEL_SETS:
+            self._add(self._requests, (OTHER, OTHER, OTHER), 1)
+            return 0
+        self._ok.setdefault(class_, {})[cmd] = 1
+        self._ok_sets += 1
+        return 1
+
+    def _time(self, received: float) -> None:
+        seconds = perf_counter() - received
         times = self._request_times
-        times[bisect_left(REQUEST_BUCKETS, seconds)] += 1
+        times[0 if seconds <= REQUEST_BUCKETS[0]
+              else bisect_left(REQUEST_BUCKETS, seconds)] += 1
         times[-1] += seconds
 
     def published(self, service: str) -> None:
@@ -176,6 +210,9 @@ class Metrics:
             name: [[*labels, list(value) if isinstance(value, list) else value]
                    for labels, value in values.items()]
             for name, values in self._values.items()}
+        snapshot["nkservice_requests"] += [[class_, cmd, "ok", answered]
+                                           for class_, counts in self._ok.items()
+                                           for cmd, answered in counts.items()]
         for name, labels, value in self._gauges():
             snapshot[name].append([*labels, value])
         return snapshot
@@ -184,7 +221,10 @@ class Metrics:
 class Uncounted(Metrics):
     """A node whose metrics nobody can read (`[http] metrics = ""`) counts nothing."""
 
-    def request(self, class_: str, cmd: str, result: str, started: float) -> None:
+    def ok(self, request: Request) -> None:
+        pass
+
+    def failed(self, request: Request, result: str) -> None:
         pass
 
     def published(self, service: str) -> None:

@@ -12,8 +12,17 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nkservice.metrics import MAX_LABEL_SETS, OTHER, Metrics, disconnect_reason, merge, render
+from nkservice.metrics import (
+    MAX_LABEL_SETS,
+    OTHER,
+    TIMED_EVERY,
+    Metrics,
+    disconnect_reason,
+    merge,
+    render,
+)
 from nkservice.node import Node
+from nkservice.protocol.messages import Request
 from nkservice.service.config import parse_node_config
 from tests.web.client import fetch
 from tests.web.test_pages import base
@@ -41,30 +50,44 @@ async def scrape(node: Node) -> Samples:
 
 # -- the numbers ----------------------------------------------------------------------------
 
+def answered(metrics: Metrics, class_: str, cmd: str, result: str = "ok",
+             received: float | None = None) -> None:
+    request = Request(class_, cmd, 1, received=perf_counter() if received is None
+                      else received)
+    if result == "ok":
+        metrics.ok(request)
+    else:
+        metrics.failed(request, result)
+
+
 def test_requests_and_their_times() -> None:
     metrics = Metrics()
-    metrics.request("core", "ping", "ok", 0.0)  # started long ago: the last bucket
-    for _ in range(3):
-        metrics.request("core", "ping", "ok", perf_counter())
-    metrics.request("chat", "post", "unauthorized", perf_counter())
+    answered(metrics, "core", "ping", received=0.0)  # arrived long ago: the last bucket
+    for _ in range(TIMED_EVERY + 1):
+        answered(metrics, "core", "ping")
+    answered(metrics, "chat", "post", "unauthorized")
+    answered(metrics, "chat", "post", "unauthorized")
     samples = parse(render(metrics.snapshot()).decode())
     assert value(samples, "nkservice_requests_total", **{"class": "core", "cmd": "ping",
-                                                         "result": "ok"}) == 4
+                                                         "result": "ok"}) == TIMED_EVERY + 2
     assert value(samples, "nkservice_requests_total", **{
-        "class": "chat", "cmd": "post", "result": "unauthorized"}) == 1
-    assert value(samples, "nkservice_request_duration_seconds_count") == 5
-    assert value(samples, "nkservice_request_duration_seconds_bucket", le="0.01") == 4
-    assert value(samples, "nkservice_request_duration_seconds_bucket", le="10.0") == 4
-    assert value(samples, "nkservice_request_duration_seconds_bucket", le="+Inf") == 5
+        "class": "chat", "cmd": "post", "result": "unauthorized"}) == 2
+    # Timed: the 1st and the 17th ping, the 1st error.
+    assert value(samples, "nkservice_request_duration_seconds_count") == 3
+    assert value(samples, "nkservice_request_duration_seconds_bucket", le="0.01") == 2
+    assert value(samples, "nkservice_request_duration_seconds_bucket", le="10.0") == 2
+    assert value(samples, "nkservice_request_duration_seconds_bucket", le="+Inf") == 3
 
 
 def test_label_sets_are_capped() -> None:
     metrics = Metrics()
     for number in range(MAX_LABEL_SETS + 50):
-        metrics.request("x", f"made-up-{number}", "unknown_command", 0.0)
+        answered(metrics, "x", f"made-up-{number}", "unknown_command")
+    for number in range(10):
+        answered(metrics, "y", f"also-made-up-{number}")
     rows = metrics.snapshot()["nkservice_requests"]
     assert len(rows) == MAX_LABEL_SETS + 1
-    assert [OTHER, OTHER, OTHER, 50] in rows
+    assert [OTHER, OTHER, OTHER, 60] in rows
     for number in range(MAX_LABEL_SETS + 5):
         metrics.observe("nkservice_callback_duration_seconds", (f"kind{number}",), 0.001)
     assert len(metrics.snapshot()["nkservice_callback_duration_seconds"]) == MAX_LABEL_SETS + 1
@@ -72,8 +95,8 @@ def test_label_sets_are_capped() -> None:
 
 def test_snapshots_add_up() -> None:
     first, second = Metrics(lambda: [("nkservice_sessions", ("demo",), 2)]), Metrics()
-    first.request("core", "ping", "ok", 0.0)
-    second.request("core", "ping", "ok", 0.0)
+    answered(first, "core", "ping")
+    answered(second, "core", "ping")
     second.published("demo")
     second.delivered("demo", 7)
     second.observe("nkservice_callback_duration_seconds", ("login",), 0.002)
@@ -143,7 +166,8 @@ async def test_requests_sessions_and_connections(node: Node,
         "class": "core", "cmd": "login", "result": "ok"}) == 2
     assert value(samples, "nkservice_requests_total", **{
         "class": "core", "cmd": "no_such_command", "result": "unknown_command"}) == 1
-    assert value(samples, "nkservice_request_duration_seconds_count") == 8
+    # Timed: the first answer of each class, cmd and result (login, ping, the error).
+    assert value(samples, "nkservice_request_duration_seconds_count") == 3
     assert value(samples, "nkservice_sessions", service="demo") == 2
     assert value(samples, "nkservice_connections", service="demo", transport="tcp") == 1
     assert value(samples, "nkservice_connections", service="demo", transport="ws") == 1

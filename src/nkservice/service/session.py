@@ -112,12 +112,11 @@ class Session:
 
     def _answer(self, request: Request, data: Any = None) -> None:
         self.conn.reply(request.tid, data)
-        self._metrics.request(request.class_, request.cmd, "ok", request.received)
+        self._metrics.ok(request)
 
     def _answer_error(self, request: Request, error: ApiError) -> None:
         self.conn.reply_error(request.tid, error)
-        self._metrics.request(request.class_, request.cmd, error.error.name,
-                              request.received)
+        self._metrics.failed(request, error.error.name)
 
     def on_closed(self) -> None:
         self.service.closed(self)
