@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -708,7 +709,8 @@ def run_idle(ctx: RunContext, timing: ClusterTiming) -> IdleResult:
                     "process": f"worker {number + 1}", "pid": proc.pid,
                     "sessions": split[number], "rss_before": before[proc.pid],
                     "rss_after": after[proc.pid], "sessions_after_storm": split_storm[number],
-                    "rss_after_storm": after_storm[proc.pid]})
+                    "rss_after_storm": after_storm[proc.pid],
+                    "gc": gc_policy_lines(server.log_text(), proc.pid)})
             if nats is not None:
                 result.memory.append({
                     "process": "NATS server", "pid": nats.pid, "sessions": None,
@@ -718,6 +720,27 @@ def run_idle(ctx: RunContext, timing: ClusterTiming) -> IdleResult:
             result.failure = str(exc)
     result.wall_seconds = time.perf_counter() - t_start
     return result
+
+
+_GC_START = re.compile(r"garbage collector: (\d+) objects frozen after start-up")
+_GC_AUDIT = re.compile(r"garbage collector audit: (\d+) objects walked, (\d+) freed, "
+                       r"(\d+) frozen, (\d+) ms")
+
+
+def gc_policy_lines(log: str, pid: int) -> dict[str, Any]:
+    """What a worker's log says of its garbage collector policy (src/nkservice/gc_policy.py):
+    the objects frozen once it served, and its audits (count, longest, objects freed)."""
+    frozen, audits = None, []
+    for line in log.splitlines():
+        if f" pid {pid}]" not in line:
+            continue
+        if (found := _GC_START.search(line)) is not None:
+            frozen = int(found[1])
+        elif (found := _GC_AUDIT.search(line)) is not None:
+            audits.append((int(found[4]), int(found[2])))
+    return {"frozen_at_start": frozen, "audits": len(audits),
+            "audit_max_ms": max((ms for ms, _ in audits), default=None),
+            "audit_freed": sum(freed for _, freed in audits)}
 
 
 def _idle_phase(loads: list[DrivenLoad], command: dict[str, Any], pids: dict[str, int]
@@ -853,7 +876,8 @@ def bus_table(rows: list[ClusterRow]) -> str:
 
 def idle_table(idle: IdleResult) -> str:
     header = ["phase", "sessions", "seconds", "per second", "login p50 / p99 / max ms",
-              "retries", "failed", "resumed", "admin ping p50 / max ms", "late pings (> 1 s)",
+              "retries", "failed", "resumed", "admin ping p50 / p99 / max ms",
+              "late pings (> 1 s)",
               "server CPU", "load CPU", "notes"]
     cells = []
     for name, label in (("connect", "connect + log in"),
@@ -877,7 +901,8 @@ def idle_table(idle: IdleResult) -> str:
             f"{_num(phase['p50_ms'])} / {_num(phase['p99_ms'])} / {_num(phase['max_ms'])}",
             f"{phase['retries']:,}", f"{phase['failed']:,}",
             f"{phase['resumed']:,}" if name == "storm" else "-",
-            f"{_num(pings.get('p50_ms'), '.1f')} / {_num(pings.get('max_ms'))}",
+            f"{_num(pings.get('p50_ms'), '.1f')} / {_num(pings.get('p99_ms'))} / "
+            f"{_num(pings.get('max_ms'))}",
             f"{pings.get('late', 0)} of {pings.get('pings', 0):,}",
             _num(phase["server_cpu_pct"], ".0f") + "%", _num(phase["load_cpu_pct"], ".0f") + "%",
             "; ".join(notes)])
@@ -885,7 +910,7 @@ def idle_table(idle: IdleResult) -> str:
     if idle_pings:
         cells.append([f"idle ({SETTLE_SECONDS:g} s settle + hold)", "-", "-", "-", "-", "-",
                       "-", "-", f"{_num(idle_pings.get('p50_ms'), '.1f')} / "
-                      f"{_num(idle_pings.get('max_ms'))}",
+                      f"{_num(idle_pings.get('p99_ms'))} / {_num(idle_pings.get('max_ms'))}",
                       f"{idle_pings.get('late', 0)} of {idle_pings.get('pings', 0):,}", "-",
                       "-", f"{idle.counts.get('dropped_while_idle', 0)} dropped while idle"])
     return markdown_table(header, cells)
@@ -893,7 +918,8 @@ def idle_table(idle: IdleResult) -> str:
 
 def memory_table(idle: IdleResult) -> str:
     header = ["process", "sessions", "RSS before MB", "RSS with sessions MB", "delta MB",
-              "KB/session", "sessions after storm", "RSS after storm MB"]
+              "KB/session", "sessions after storm", "RSS after storm MB",
+              "GC: frozen at start / audits (longest ms, freed)"]
     cells = []
     total_sessions = total_delta = 0
     for entry in idle.memory:
@@ -909,12 +935,20 @@ def memory_table(idle: IdleResult) -> str:
             _num(delta / MB, ".1f"), _num(per, ".1f"),
             f"{entry['sessions_after_storm']:,}"
             if entry["sessions_after_storm"] is not None else "-",
-            _num(entry["rss_after_storm"] / MB, ".1f")])
+            _num(entry["rss_after_storm"] / MB, ".1f"), _gc_cell(entry.get("gc"))])
     if total_sessions:
         cells.append(["all workers", f"{total_sessions:,}", "-", "-",
                       _num(total_delta / MB, ".1f"),
-                      _num(total_delta / 1024 / total_sessions, ".1f"), "-", "-"])
+                      _num(total_delta / 1024 / total_sessions, ".1f"), "-", "-", "-"])
     return markdown_table(header, cells)
+
+
+def _gc_cell(gc: dict[str, Any] | None) -> str:
+    if not gc or gc["frozen_at_start"] is None:
+        return "-"
+    audits = gc["audits"]
+    more = f" ({_num(gc['audit_max_ms'])} ms, {gc['audit_freed']:,} freed)" if audits else ""
+    return f"{gc['frozen_at_start']:,} / {audits}{more}"
 
 
 def kb_per_session(idle: IdleResult) -> float | None:
