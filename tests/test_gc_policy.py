@@ -210,9 +210,6 @@ async def _soak(make_node: NodeFactory, client_tls: ssl.SSLContext, rounds: int 
     return counts
 
 
-@pytest.mark.xfail(strict=True, reason="Session and its Connection point at each other "
-                   "(Connection.handler, Session.conn): to go once Connection.lost lets go of "
-                   "its handler")
 async def test_soak_sessions_leave_nothing_frozen(
         policy: GcPolicy, make_node: NodeFactory, client_tls: ssl.SSLContext) -> None:
     """Sessions that end are freed even when frozen: the count comes back, no audit."""

@@ -160,9 +160,6 @@ async def test_a_finished_connection_leaves_no_cycle(
         server.close()
 
 
-@pytest.mark.xfail(strict=True, reason="Session and its Connection point at each other "
-                   "(Connection.handler, Session.conn): to go once Connection.lost lets go of "
-                   "its handler")
 @pytest.mark.parametrize("ending", ["close", "reset", "replaced", "resumed"])
 @pytest.mark.parametrize("transport", ["tcp", "tls", "ws", "wss"])
 async def test_a_finished_session_leaves_no_cycle(

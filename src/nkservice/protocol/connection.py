@@ -124,6 +124,19 @@ _OK_END = len(_OK_PREFIX)
 _OK_MAX = _OK_END + 20  # room for any tid the server hands out
 
 
+class _Gone:
+    """The handler of a connection that has ended: nothing reaches it any more."""
+
+    def on_request(self, request: Request) -> None:
+        pass
+
+    def on_closed(self) -> None:
+        pass
+
+
+_GONE = _Gone()
+
+
 class _Sent:
     __slots__ = ("deadline", "waiter")
 
@@ -409,4 +422,7 @@ class Connection:
         for entry in sent.values():
             if entry.waiter is not None:
                 entry.waiter.failed(ApiError(self._end_error, "connection closed"))
-        self.handler.on_closed()
+        # The handler (a Session) points back at this connection: let go of it, or the
+        # pair is a reference cycle that only the garbage collector frees.
+        handler, self.handler = self.handler, _GONE
+        handler.on_closed()
