@@ -4,15 +4,21 @@ Each measurement is made against its baseline in the same run, in interleaved ro
 (every other round in reverse order), and the ratio is taken within each round:
 
 1. **Workers: round trips.** `core ping`, 50 connections x 32 in flight (section 1's
-   pipelined scenario), on tcp and on ws, against a node of 1 worker and a node of 2.
+   pipelined scenario), on tcp, against a node of 1 worker and a node of 2. The load
+   generator is bench/loadgen/loadgen.c (C, one thread, epoll), compiled here with `cc -O2`:
+   on 2 cores, a node of 2 workers shares them with its load generator, and the ratio can
+   only approach 2x when the load costs a small fraction of the server's CPU (a Python load
+   generator costs about as much as a worker: the ratio then tops out near 1x).
 2. **Workers: event fan-out.** One publisher, N subscribers (10,000) spread by the kernel
-   over the workers (SO_REUSEPORT; the split is read from the workers' open files), each
-   subscriber answering every event: bench/eventload.py's `fanout`, one at a time and
-   pipelined, against a node of 1 worker and a node of 2.
+   over the workers (SO_REUSEPORT), each answering every event; one at a time and pipelined,
+   against a node of 1 worker and a node of 2. The same C load generator, on tcp. The split
+   over the workers is what the server says: each connection's admin `core ping` answer
+   names the process that holds the session.
 3. **The bus on a one-worker node.** The same node with `cluster` set to a NATS server of
    this section's (bus on) and without (bus off), no other process of the cluster: round
-   trips (as 1), fan-out to 1,000 subscribers (as 2), and publishes to 10 receivers among
-   1,000 subscriptions with 32 publishes in flight (bench/eventload.py's `matching`).
+   trips (bench/loadgen.py's pipelined scenario on tcp and ws), fan-out to 1,000
+   subscribers (bench/eventload.py's `fanout`), and publishes to 10 receivers among 1,000
+   subscriptions with 32 publishes in flight (bench/eventload.py's `matching`).
 4. **Idle sessions.** A node of several workers (8: a process holds at most 20,000 files
    here) and 100,000 logged-in WebSocket sessions from several load processes
    (bench/idleload.py), each from its own 127.0.0.x source address. Timed: connecting
@@ -34,13 +40,17 @@ import math
 import os
 import re
 import resource
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +59,7 @@ import psutil
 from cpuwatch import tree_cpu_seconds
 from fanout import QUIET_SECONDS, FanoutTiming
 from harness import LoadFailed, LoadProcess, LoadSession, RunContext, median_sample
+from oslimits import pin
 from report import markdown_table
 from servers import BENCH_DIR, HOST, NKSERVICE, ServerFailed, ServerProcess, free_port
 
@@ -213,6 +224,33 @@ max_pending_requests = 100000
                     return child
         return None
 
+    def family_pids(self) -> list[int]:
+        """The node's processes as they were once it had started: supervisor, workers, NATS."""
+        return [proc.pid for proc in self._family]
+
+    def split(self, processes: dict[str, int]) -> list[int]:
+        """Connections per worker, in the workers' order, from the load generator's count by
+        the `process` that each connection's `core ping` answer named (`host-PID-random`;
+        "single": a node without a cluster). A process that is no worker of ours comes last."""
+        by_pid = {proc.pid: number for number, proc in enumerate(self.workers())}
+        counts = [0] * len(by_pid)
+        strays = []
+        for name, count in processes.items():
+            parts = name.rsplit("-", 2)
+            pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+            if name == "single" and len(counts) == 1:
+                counts[0] += count
+            elif pid in by_pid:
+                counts[by_pid[pid]] += count
+            else:
+                strays.append(count)
+        return counts + strays
+
+    def embedded_nats_url(self) -> str | None:
+        """The URL of the node's NATS server, from the supervisor's `node started` line."""
+        found = re.search(r"node started: .* on the cluster at (\S+?);", self.log_text())
+        return found.group(1) if found else None
+
     def connections(self) -> list[int]:
         """Open files of each worker beyond those it had when the node had started."""
         return [open_files(p.pid) - self.base_files.get(p.pid, 0) for p in self.workers()]
@@ -281,6 +319,66 @@ class NatsServer:
         return self.proc.pid
 
 
+class NatsTap:
+    """Counts every message that crosses a NATS server, by subject (its first 3 tokens): a
+    plain NATS client subscribed to `>` (raw protocol, a thread of the orchestrator). Used
+    on the embedded NATS server of a node of several workers, which has no monitoring port.
+    It adds a receiver to each message, nothing else: the workers publish what they
+    publish whether it is there or not."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("nats://").split(",")[0].rsplit(":", 1)
+        self._sock = socket.create_connection((host, int(port)), timeout=5)
+        self._sock.settimeout(None)
+        self._lock = threading.Lock()
+        self.counts: dict[str, int] = {}
+        self.error: str | None = None
+        self._sock.sendall(b'CONNECT {"verbose":false,"pedantic":false,"name":"bench-tap"}'
+                           b"\r\nSUB > 1\r\nPING\r\n")
+        self._thread = threading.Thread(target=self._read, name="nats-tap", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        buf = b""
+        try:
+            while chunk := self._sock.recv(1 << 16):
+                buf += chunk
+                while (end := buf.find(b"\r\n")) >= 0:
+                    line = buf[:end]
+                    if line.startswith((b"MSG ", b"HMSG ")):
+                        fields = line.split()
+                        size = int(fields[-1])
+                        if len(buf) < end + 2 + size + 2:
+                            break  # the payload is not all here yet
+                        subject = ".".join(fields[1].decode().split(".")[:3])
+                        with self._lock:
+                            self.counts[subject] = self.counts.get(subject, 0) + 1
+                        buf = buf[end + 2 + size + 2:]
+                        continue
+                    if line == b"PING":
+                        self._sock.sendall(b"PONG\r\n")
+                    elif line.startswith(b"-ERR"):
+                        self.error = line.decode(errors="replace")
+                    buf = buf[end + 2:]
+        except OSError as exc:
+            self.error = self.error or str(exc)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+    @staticmethod
+    def since(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+        return {subject: count - before.get(subject, 0) for subject, count in after.items()
+                if count > before.get(subject, 0)}
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        self._thread.join(5)
+
+
 # -- CPU over a period ---------------------------------------------------------------------------
 
 
@@ -343,6 +441,7 @@ class ClusterRow:
     samples: list[dict[str, Any]] = field(default_factory=list)  # one per round
     failure: str | None = None
     split: list[int] | None = None  # connections per worker (fan-out: the subscribers)
+    publisher: str | None = None  # fan-out: the process that holds the publisher's session
 
     @property
     def result(self) -> dict[str, Any] | None:
@@ -510,60 +609,282 @@ def _fail(rows: list[ClusterRow], node: Node, why: str, part: str) -> None:
             row.failure = why
 
 
+# The C load generator of parts 1 and 2: built here, at run time, when its source is newer.
+LOADGEN_SOURCE = BENCH_DIR / "loadgen" / "loadgen.c"
+LOADGEN_BINARY = BENCH_DIR / "loadgen" / "build" / "loadgen"  # build/ is git-ignored
+CC_COMMAND = ["cc", "-O2", "-Wall", "-Wextra"]
+RTT_CONNS, RTT_WINDOW = 50, 32
+FANOUT_SETUP = 600.0  # seconds to connect, log in and subscribe 10,000 (a busy box is slow)
+
+
+def loadgen_binary() -> Path:
+    """bench/loadgen/loadgen.c compiled (again only when the source is newer than the binary)."""
+    binary = LOADGEN_BINARY
+    if binary.exists() and binary.stat().st_mtime >= LOADGEN_SOURCE.stat().st_mtime:
+        return binary
+    binary.parent.mkdir(exist_ok=True)
+    building = binary.with_name(f"{binary.name}.{os.getpid()}.tmp")
+    try:
+        built = subprocess.run([*CC_COMMAND, "-o", str(building), str(LOADGEN_SOURCE)],
+                               capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LoadFailed(f"cannot compile {LOADGEN_SOURCE}: {exc}") from None
+    if built.returncode != 0:
+        building.unlink(missing_ok=True)
+        raise LoadFailed(f"cc failed on {LOADGEN_SOURCE}: {built.stderr.strip()[-400:]}")
+    if built.stderr.strip():  # it is meant to compile without a warning
+        print(f"cc warnings on {LOADGEN_SOURCE}:\n{built.stderr.strip()}", file=sys.stderr)
+    building.replace(binary)
+    return binary
+
+
+class CLoad(LoadProcess):
+    """A running bench/loadgen/build/loadgen: JSON lines on stdout, diagnostics in a log."""
+
+    def __init__(self, args: list[str], log_path: Path, cpus: set[int] | None) -> None:
+        self.log_path = log_path
+        with log_path.open("wb") as log:
+            self.proc = subprocess.Popen([str(loadgen_binary()), *args], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=log)
+        pin(self.proc.pid, cpus)
+
+
+class CFanout(LoadSession):
+    """The C load generator in `fanout` mode: its commands are words on a line
+    (`sequential P W`, `pipelined K`, `close`), each answered with one JSON line."""
+
+    def __init__(self, load: CLoad) -> None:
+        super().__init__(load)
+        self.pid = load.proc.pid
+        self.ready: dict[str, Any] = {}  # its first line: subscribers set up, their split
+
+    def __enter__(self) -> CFanout:
+        return self
+
+    def run(self, line: str, timeout: float) -> dict[str, Any]:
+        proc = self._load.proc
+        assert proc.stdin is not None
+        if proc.poll() is not None:
+            raise self._load.failure()
+        try:
+            proc.stdin.write(line.encode() + b"\n")
+            proc.stdin.flush()
+        except BrokenPipeError:
+            raise self._load.failure() from None
+        return self.read(timeout)
+
+    def close(self, timeout: float = 60.0) -> None:
+        proc = self._load.proc
+        if proc.poll() is None:
+            try:
+                proc.communicate(b"close\n", timeout=timeout)
+            except (subprocess.TimeoutExpired, BrokenPipeError):
+                self._load.abort()
+        log = self._load.log_path
+        if log.exists() and not log.stat().st_size:
+            log.unlink()
+
+
+def _load_cpus(ctx: RunContext, node: Node) -> set[int] | None:
+    return ctx.load_cpus if node.pinned else None
+
+
+def _pids_arg(server: ClusterServer) -> list[str]:
+    return ["--pids", ",".join(str(pid) for pid in server.family_pids())]
+
+
+def _with_node_cpu(sample: dict[str, Any], server: ClusterServer) -> dict[str, Any]:
+    """Add what the C load generator measured per process of the node: each worker's CPU
+    and the embedded NATS server's (in % of one core), and the client's share of the CPU
+    used by the client and the node together."""
+    per_pid = {int(pid): pct for pid, pct in sample.get("pid_cpu_pct", {}).items()}
+    sample["worker_cpu_pct"] = [per_pid.get(proc.pid, 0.0) for proc in server.workers()]
+    nats = server.nats() if server.node.workers > 1 else None
+    sample["nats_cpu_pct"] = per_pid.get(nats.pid, 0.0) if nats is not None else None
+    used = sample["client_cpu_pct"] + sample["server_cpu_pct"]
+    sample["client_share_pct"] = 100 * sample["client_cpu_pct"] / used if used else None
+    return sample
+
+
+def _tapped(sample: dict[str, Any], tap: NatsTap | None, before: dict[str, int],
+            started: float, per: float) -> None:
+    """What crossed the node's NATS server while the load ran (the whole run: set-up and
+    warm-up included), and its count per request (or per publish)."""
+    if tap is None:
+        return
+    crossed = NatsTap.since(before, tap.snapshot())
+    sample["nats_subjects"] = crossed
+    sample["nats_msgs"] = sum(crossed.values())
+    sample["nats_seconds"] = time.perf_counter() - started
+    sample["nats_per"] = sample["nats_msgs"] / per if per else None
+
+
+def _c_roundtrip(ctx: RunContext, server: ClusterServer, timing: ClusterTiming,
+                 label: str, tap: NatsTap | None) -> dict[str, Any]:
+    """One run of the C load generator's round trips (a fresh process: connect, log in,
+    warm up, measure), with the CPU of the node's processes over the measured period."""
+    before, started = (tap.snapshot() if tap else {}), time.perf_counter()
+    args = ["rtt", "--port", str(server.ports["tcp"]), "--conns", str(RTT_CONNS),
+            "--window", str(RTT_WINDOW), "--warmup", f"{timing.warmup:g}",
+            "--duration", f"{timing.duration:g}", "--setup-timeout", "30", *_pids_arg(server)]
+    load = CLoad(args, ctx.log_dir / f"loadgen-{label}.log", _load_cpus(ctx, server.node))
+    try:
+        out, _ = load.proc.communicate(timeout=30 + timing.warmup + timing.duration + 30)
+    except subprocess.TimeoutExpired:
+        load.abort()
+        raise LoadFailed("load generator still running after its deadline; killed") from None
+    except BaseException:
+        load.abort()
+        raise
+    sample = load.result(out)
+    sample["rate"] = sample["rps"]
+    sample["split"] = server.split(sample["processes"])
+    # per request of the whole run (its measured requests / measured seconds x run time)
+    _tapped(sample, tap, before, started,
+            sample["rps"] * (timing.warmup + timing.duration))
+    server.check_alive()
+    return _with_node_cpu(sample, server)
+
+
+def _c_fanout(ctx: RunContext, server: ClusterServer, receivers: int, label: str) -> CFanout:
+    """The fan-out's subscribers and publisher, set up; they wait for commands (an hour at
+    most between two: the round trips, and waiting for a quiet machine, come in between)."""
+    load = CLoad(["fanout", "--port", str(server.ports["tcp"]), "--subscribers",
+                  str(receivers), "--setup-timeout", f"{FANOUT_SETUP:g}", "--command-wait",
+                  "3600", *_pids_arg(server)],
+                 ctx.log_dir / f"loadgen-{label}.log", _load_cpus(ctx, server.node))
+    session = CFanout(load)
+    try:
+        ready = session.read(FANOUT_SETUP + 60)
+    except BaseException:
+        session.close()
+        raise
+    if ready["failed"] or ready["receivers"] != receivers:
+        session.close()
+        raise LoadFailed(f"{ready['failed']} of {receivers} subscribers failed to connect,"
+                         f" log in or subscribe; first: {ready['first_failure']}")
+    session.ready = ready
+    return session
+
+
+def _c_event_command(session: CFanout, server: ClusterServer, line: str, timeout: float,
+                     tap: NatsTap | None, publishes: int) -> dict[str, Any]:
+    before, started = (tap.snapshot() if tap else {}), time.perf_counter()
+    sample = session.run(line, timeout)
+    _tapped(sample, tap, before, started, publishes)
+    sample["rate"] = sample["dps"]
+    server.check_alive()
+    return _with_node_cpu(sample, server)
+
+
+# Other work on the machine (this box is shared) distorts a 2-core measurement: each one of
+# parts 1 and 2 waits for a quiet machine first, and is made again when, during it, other
+# processes used more than RETRY_OTHER_PCT of a core.
+QUIET_BUSY_PCT = 10.0  # quiet: the whole machine busy less than this (% of one core) ...
+QUIET_WINDOW = 2.0  # ... over this many seconds
+QUIET_WAIT = 120.0  # the longest wait for quiet; then it measures anyway
+RETRY_OTHER_PCT = 15.0
+RETRIES = 2
+
+
+def wait_quiet(limit: float = QUIET_WAIT) -> float:
+    """Wait until the machine is quiet (or `limit` seconds); the seconds waited beyond the
+    first look."""
+    start = time.monotonic()
+    while True:
+        busy0, t0 = _machine_busy(), time.monotonic()
+        time.sleep(QUIET_WINDOW)
+        busy = 100 * (_machine_busy() - busy0) / (time.monotonic() - t0)
+        waited = time.monotonic() - start
+        if busy < QUIET_BUSY_PCT or waited >= limit:
+            return max(0.0, waited - QUIET_WINDOW)
+
+
+def _clean(measure: Callable[[], dict[str, Any]], settle: float = 0.0) -> dict[str, Any]:
+    """`measure()` once the machine is quiet, again (at most RETRIES times, `settle` seconds
+    later) when other processes took more than RETRY_OTHER_PCT of a core meanwhile. The
+    sample says how long it waited and how many measurements it threw away."""
+    waited, dropped = 0.0, []
+    while True:
+        waited += wait_quiet()
+        sample = measure()
+        if sample.get("other_cpu_pct", 0.0) <= RETRY_OTHER_PCT or len(dropped) >= RETRIES:
+            sample["quiet_wait_s"] = waited
+            sample["dropped_other_pct"] = dropped
+            return sample
+        dropped.append(round(sample["other_cpu_pct"]))
+        time.sleep(settle)
+
+
 def run_workers(ctx: RunContext, timing: ClusterTiming) -> list[ClusterRow]:
-    """Parts 1 and 2: round trips and fan-out, 1 worker against 2."""
+    """Parts 1 and 2: round trips and fan-out, 1 worker against 2, with the C load generator."""
     fan = timing.fanout
     events = fan.events(timing.fanout_receivers)
-    scenarios = [("round trips", "tcp pipelined (50x32)"), ("round trips", "ws pipelined (50x32)"),
+    scenarios = [("round trips", f"tcp pipelined ({RTT_CONNS}x{RTT_WINDOW})"),
                  ("fan-out", f"{timing.fanout_receivers:,} subscribers, one at a time"),
                  ("fan-out", f"{timing.fanout_receivers:,} subscribers, pipelined ({events})")]
     rows = {(node, scenario): ClusterRow("workers", measure, scenario, node)
             for node in (ONE, TWO) for measure, scenario in scenarios}
     all_rows = list(rows.values())
+    try:
+        loadgen_binary()
+    except LoadFailed as exc:
+        for row in all_rows:
+            row.failure = str(exc)
+        return all_rows
     with contextlib.ExitStack() as stack:
         servers: dict[Node, ClusterServer] = {}
-        sessions: dict[Node, DrivenLoad] = {}
+        sessions: dict[Node, CFanout] = {}
+        taps: dict[Node, NatsTap] = {}
         for node in (ONE, TWO):
             try:
                 servers[node] = stack.enter_context(
                     ClusterServer(ctx, node, f"workers-{node.workers}"))
-                session = _event_session(
-                    ctx, servers[node],
-                    ["fanout", f"--port={servers[node].ports['ws']}",
-                     f"--receivers={timing.fanout_receivers}"],
-                    f"cluster-fanout-{node.workers}w", 300.0)
-                sessions[node] = stack.enter_context(session)
-                split = servers[node].connections()
+                url = servers[node].embedded_nats_url() if node.workers > 1 else None
+                if url is not None:
+                    try:
+                        taps[node] = NatsTap(url)
+                        stack.callback(taps[node].close)
+                    except OSError as exc:  # the figures go on without the NATS counts
+                        print(f"cannot watch NATS at {url}: {exc}", file=sys.stderr)
+                session = stack.enter_context(_c_fanout(
+                    ctx, servers[node], timing.fanout_receivers,
+                    f"cluster-fanout-{node.workers}w"))
+                sessions[node] = session
+                split = servers[node].split(session.ready["processes"])
+                publisher = servers[node].split({session.ready["publisher_process"]: 1})
                 for row in rows.values():
                     if row.node == node and row.measure == "fan-out":
                         row.split = split
+                        row.publisher = (f"worker {publisher.index(1) + 1}"
+                                         if node.workers > 1 and 1 in publisher else None)
             except (ServerFailed, LoadFailed) as exc:
                 _fail(all_rows, node, str(exc), "workers")
         for round_no, order in enumerate(_orders(timing.rounds, (ONE, TWO))):
-            for transport in ("tcp", "ws"):
-                for node in order:
-                    row = rows[(node, f"{transport} pipelined (50x32)")]
-                    if row.failure or node not in servers:
-                        continue
-                    try:
-                        row.samples.append(_roundtrip(
-                            ctx, servers[node], transport, timing,
-                            f"cluster-{node.workers}w-{transport}-{round_no + 1}"))
-                    except (ServerFailed, LoadFailed) as exc:
-                        row.failure = str(exc)
+            for node in order:
+                row = rows[(node, scenarios[0][1])]
+                if row.failure or node not in servers:
+                    continue
+                try:
+                    label = f"cluster-{node.workers}w-tcp-{round_no + 1}"
+                    row.samples.append(_clean(partial(
+                        _c_roundtrip, ctx, servers[node], timing, label, taps.get(node))))
+                except (ServerFailed, LoadFailed) as exc:
+                    row.failure = str(exc)
             for turn, node in enumerate(order):
-                one, piped = (rows[(node, scenarios[2][1])], rows[(node, scenarios[3][1])])
+                one, piped = (rows[(node, scenarios[1][1])], rows[(node, scenarios[2][1])])
                 if one.failure or node not in sessions:
                     continue
                 try:
                     budget = 30.0 + 20.0 * (fan.publishes + fan.warmup)
-                    one.samples.append(_event_command(
-                        sessions[node], servers[node],
-                        {"op": "sequential", "publishes": fan.publishes, "warmup": fan.warmup},
-                        budget, "dps"))
-                    piped.samples.append(_event_command(
-                        sessions[node], servers[node], {"op": "pipelined", "events": events},
-                        60.0, "dps"))
+                    one.samples.append(_clean(partial(
+                        _c_event_command, sessions[node], servers[node],
+                        f"sequential {fan.publishes} {fan.warmup}", budget, taps.get(node),
+                        fan.publishes + fan.warmup), QUIET_SECONDS))
+                    time.sleep(QUIET_SECONDS)
+                    piped.samples.append(_clean(partial(
+                        _c_event_command, sessions[node], servers[node], f"pipelined {events}",
+                        60.0, taps.get(node), events), QUIET_SECONDS))
                 except (ServerFailed, LoadFailed) as exc:
                     one.failure = piped.failure = str(exc)
                 if turn == 0 or round_no + 1 < timing.rounds:
@@ -812,7 +1133,8 @@ def _notes(res: dict[str, Any]) -> str:
         notes.append(f"VM steal {res['steal_pct']:.0f}%")
     for key, what in (("errors", "error answers"), ("error_answers", "error answers"),
                       ("disconnected", "connections dropped"),
-                      ("server_requests", "server requests answered")):
+                      ("server_requests", "server requests answered"),
+                      ("unexpected", "lines not understood")):
         if res.get(key):
             notes.append(f"{res[key]} {what}")
     if res.get("unexpected_events"):
@@ -826,27 +1148,64 @@ def _split(split: list[int] | None) -> str:
     return " + ".join(f"{n:,}" for n in split)
 
 
+def _pcts(values: list[float] | None) -> str:
+    if not values or len(values) < 2:
+        return "-"
+    return " + ".join(f"{v:.0f}%" for v in values)
+
+
+def _latency(res: dict[str, Any], measure: str) -> str:
+    if measure == "round trips":
+        if res.get("p50_us") is None or res["p50_us"] < 0:
+            return "-"
+        return f"{res['p50_us'] / 1000:.1f} / {res['p99_us'] / 1000:.1f}"
+    return f"{res['last_p50_ms']:.1f} / {res['last_max_ms']:.1f}"
+
+
+WORKERS_PREAMBLE = (
+    "Load generator: bench/loadgen/loadgen.c (C, one thread, epoll; tcp), the same for both"
+    " nodes. **client CPU**: its CPU time over the measured period in % of one core;"
+    " **client share**: that time / (its time + the node's). **latency**: round trips p50 /"
+    " p99 of each request; fan-out: p50 / max from a publish to its last delivery."
+    " **per worker**: connections by the process that each one's `core ping` answer named"
+    " (fan-out: the subscribers). **NATS msgs (each)**: messages through the node's NATS"
+    " server during the whole run (a subscriber to `>`), and per request (per publish)."
+)
+
+
 def workers_table(rows: list[ClusterRow]) -> str:
     header = ["measure", "scenario", "node", "per second", "range", "vs 1 worker",
-              "server CPU", "client CPU", "other CPU", "per worker", "notes"]
+              "latency ms", "server CPU", "per worker", "worker CPU", "NATS CPU",
+              "NATS msgs (each)", "client CPU", "client share", "other CPU", "notes"]
     cells = []
     for row in rows:
         first = [row.measure, row.scenario, row.node.label]
         res = row.result
         if res is None:
-            cells.append([*first, *["-"] * 7, f"FAILED: {_first_line(row.failure)}"])
+            cells.append([*first, *["-"] * 12, f"FAILED: {_first_line(row.failure)}"])
             continue
         rates = [s["rate"] for s in row.samples]
         found = ratio(rows, row, ONE)
         split = row.split if row.split is not None else res.get("split")
+        nats = res.get("nats_cpu_pct")
+        msgs = "-"
+        if res.get("nats_msgs") is not None:
+            msgs = f"{res['nats_msgs']:,} ({_num(res.get('nats_per'), '.3f')})"
+        notes = [note for note in (_notes(res), row.publisher and f"publisher on {row.publisher}")
+                 if note]
+        dropped = [d for sample in row.samples for d in sample.get("dropped_other_pct", [])]
+        if dropped:
+            notes.append(f"{len(dropped)} measurement(s) made again (other processes "
+                         f"{', '.join(f'{d}%' for d in dropped)})")
         cells.append([
             *first, _num(res["rate"]), f"{_num(min(rates))}-{_num(max(rates))}",
-            f"{found:.2f}x" if found is not None else "-",
-            _num(res.get("server_cpu_pct"), ".0f") + "%",
+            f"{found:.2f}x" if found is not None else "-", _latency(res, row.measure),
+            _num(res.get("server_cpu_pct"), ".0f") + "%", _split(split),
+            _pcts(res.get("worker_cpu_pct")), "-" if nats is None else f"{nats:.1f}%", msgs,
             _num(res.get("client_cpu_pct"), ".0f") + "%",
-            _num(res.get("other_cpu_pct"), ".0f") + "%",
-            _split(split), _notes(res)])
-    return markdown_table(header, cells)
+            _num(res.get("client_share_pct"), ".0f") + "%",
+            _num(res.get("other_cpu_pct"), ".0f") + "%", "; ".join(notes)])
+    return WORKERS_PREAMBLE + "\n\n" + markdown_table(header, cells)
 
 
 def bus_table(rows: list[ClusterRow]) -> str:
