@@ -3,16 +3,17 @@
 The same node twice, in the same run: with metrics counted (`[http] metrics = "core"`, the
 default: every answered request adds to `nkservice_requests` and to the latency histogram)
 and with metrics off (`[http] metrics = ""`: the node counts nothing, `Uncounted`). What is
-left with metrics off is the part that is always there: a `perf_counter()` stamp on every
-request and a call that does nothing. With `--metrics-baseline REF`, a third node runs the
-code of a git ref (checked out with `git worktree add` into a temporary directory, removed
-afterwards) with `PYTHONPATH=<worktree>/src` in the same venv, so that the always-on part
-is measured too, with whatever else changed on the request path since REF (REF must
+left with metrics off is the part that is always there: a look at `Metrics.time_next` on
+every request and a call that does nothing. With `--metrics-baseline REF`, a third node runs
+the code of a git ref (checked out with `git worktree add` into a temporary directory,
+removed afterwards) with `PYTHONPATH=<worktree>/src` in the same venv, so that the always-on
+part is measured too, with whatever else changed on the request path since REF (REF must
 predate `[http]`: its config has no such table).
 
 The load is section 1's: bench/loadgen.py's round trips (`core ping` as the admin), 50
 connections x 32 in flight (throughput) and 1 x 1 (latency), on tcp and ws. All nodes run
-at once on the server's core (an idle node costs nothing); each round measures every
+at once on the server's core (an idle node costs nothing), started afresh for each round
+(two processes of the same code differ by a few percent); each round measures every
 (transport, scenario) on each node back to back, every other round in reverse order, and
 the ratio to the node with metrics off is taken within each round.
 
@@ -225,39 +226,55 @@ def run(ctx: RunContext, timing: Timing, baseline_ref: str = "") -> MetricsResul
     results = MetricsResults(nodes=nodes, code=checkout_state())
     results.rows = [MetricsRow(transport, scenario, node) for transport in TRANSPORTS
                     for scenario in MEASURES for node in nodes]
-    with contextlib.ExitStack() as stack:
-        servers: dict[Node, MetricsServer] = {}
+    with contextlib.ExitStack() as trees:
+        sources: dict[Node, Path | None] = {}
         for node in nodes:
-            try:
-                src = None
-                if node.ref:
-                    tree, results.commits[node.ref] = stack.enter_context(worktree(node.ref))
-                    src = tree / "src"
-                server = MetricsServer(ctx, node, src)
-                stack.enter_context(server)
-                servers[node] = server
-            except ServerFailed as exc:
-                _fail(results.rows, node, str(exc))
+            sources[node] = None
+            if node.ref:
+                tree, results.commits[node.ref] = trees.enter_context(worktree(node.ref))
+                sources[node] = tree / "src"
         for round_no, order in enumerate(_orders(timing.rounds, nodes)):
-            for transport in TRANSPORTS:
-                for scenario in SCENARIOS:
-                    for node in order:
-                        row = _row(results.rows, transport, scenario, node)
-                        if row.failure is not None:
-                            continue
-                        try:
-                            row.samples.append(_measure(ctx, servers[node], row, timing,
-                                                        round_no))
-                        except LoadFailed as exc:
-                            row.failure = str(exc)
-                        except ServerFailed as exc:
-                            _fail(results.rows, node, str(exc))
-                together = {node: _row(results.rows, transport, SIDE_BY_SIDE, node)
-                            for node in order if node in servers}
-                _measure_together(ctx, servers, together, timing, round_no)
-        for node, server in servers.items():
-            results.counted[node.label] = server.requests_counted()
+            # Fresh processes each round: two processes of the same code differ by a few
+            # percent (hash seeds, addresses), a bias that one pair for the whole run would
+            # give every round alike.
+            with contextlib.ExitStack() as stack:
+                servers = _start(ctx, stack, results, order, sources)
+                _run_round(ctx, servers, results, order, timing, round_no)
+                for node, server in servers.items():
+                    results.counted[node.label] = server.requests_counted()
     return results
+
+
+def _start(ctx: RunContext, stack: contextlib.ExitStack, results: MetricsResults,
+           nodes: list[Node], sources: dict[Node, Path | None]) -> dict[Node, MetricsServer]:
+    servers: dict[Node, MetricsServer] = {}
+    for node in nodes:
+        if all(row.failure is not None for row in results.rows if row.node == node):
+            continue
+        try:
+            servers[node] = stack.enter_context(MetricsServer(ctx, node, sources[node]))
+        except ServerFailed as exc:
+            _fail(results.rows, node, str(exc))
+    return servers
+
+
+def _run_round(ctx: RunContext, servers: dict[Node, MetricsServer], results: MetricsResults,
+               order: list[Node], timing: Timing, round_no: int) -> None:
+    for transport in TRANSPORTS:
+        for scenario in SCENARIOS:
+            for node in order:
+                row = _row(results.rows, transport, scenario, node)
+                if row.failure is not None or node not in servers:
+                    continue
+                try:
+                    row.samples.append(_measure(ctx, servers[node], row, timing, round_no))
+                except LoadFailed as exc:
+                    row.failure = str(exc)
+                except ServerFailed as exc:
+                    _fail(results.rows, node, str(exc))
+        together = {node: _row(results.rows, transport, SIDE_BY_SIDE, node)
+                    for node in order if node in servers}
+        _measure_together(ctx, servers, together, timing, round_no)
 
 
 def _row(rows: list[MetricsRow], transport: str, scenario: Scenario, node: Node) -> MetricsRow:

@@ -1,12 +1,13 @@
 """What a process counts for `/metrics`, and the Prometheus text a scrape gets.
 
-The counting is plain Python numbers in dicts: an answer costs two dict look-ups and an
-increment, and one answer in 16 a histogram slot (the Prometheus client's own metric
-objects take a lock and a label look-up per increment, several times what a pipelined
-request costs here; bench/metrics.py measures what is left). Prometheus's client
-renders them at scrape time, from a `Snapshot`: a plain, JSON-able copy, so the snapshots
-of a node's worker processes can be gathered over the cluster and added up — one scrape sees
-the whole node.
+The counting is plain Python numbers in dicts and lists: an ok answer costs one dict
+look-up and an increment (the Prometheus client's own metric objects take a lock and a
+label look-up per increment, several times what a pipelined request costs here;
+bench/metrics.py measures what is left). Latency is sampled: after
+every 16th answer of a command, the next request to arrive is timed (`time_next`): a clock
+read per request cost more than all the rest. Prometheus's client renders the numbers at
+scrape time, from a `Snapshot`: a plain, JSON-able copy, so the snapshots of a node's worker
+processes can be gathered over the cluster and added up — one scrape sees the whole node.
 
 Label values that clients choose (a request's class and command) are kept for the first
 `MAX_LABEL_SETS` combinations of each metric; later ones count under `_other`, so a client
@@ -33,9 +34,8 @@ from nkservice.protocol.messages import Request
 
 MAX_LABEL_SETS = 1000
 OTHER = "_other"
-# The latency histogram times the 1st, 17th, 33rd... answer of each class, command and
-# result: timing every one cost more than all the rest of a pipelined request's counting.
-TIMED_EVERY = 16
+OTHER_REQUEST = (OTHER, OTHER, OTHER)
+TIMED_EVERY = 16  # after every 16th answer of a (class, cmd, result), a request is timed
 
 # Seconds. Answers of the core commands take microseconds; a callback app's, milliseconds.
 REQUEST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -85,7 +85,7 @@ FAMILIES = {family.name: family for family in (
     Family("nkservice_requests", "counter", "Client requests answered, by result (ok, or "
            "the error code).", ("class", "cmd", "result")),
     Family("nkservice_request_duration_seconds", "histogram", "Time from a client request's "
-           "arrival to its answer, for one answer in 16 of each class, cmd and result.", (),
+           "arrival to its answer, for about one request in 16 (a sample).", (),
            REQUEST_BUCKETS),
     Family("nkservice_events_published", "counter", "Events published.", ("service",)),
     Family("nkservice_events_delivered", "counter", "Events sent to subscribed sessions.",
@@ -112,10 +112,14 @@ class Metrics:
     def __init__(self, gauges: Callable[[], Iterable[tuple[str, Labels, float]]] = tuple,
                  ) -> None:
         self._gauges = gauges
+        # The next request to arrive is to be timed: `Session` sets its `received` to
+        # `perf_counter()` and clears this. The first one is; `Uncounted` asks no more.
+        self.time_next = True
         self._values: dict[str, dict[Labels, Any]] = {name: {} for name in FAMILIES}
-        self._requests = self._values["nkservice_requests"]  # errors: (class, cmd, name)
-        self._ok: dict[str, dict[str, int]] = {}  # class → cmd → ok answers
-        self._ok_sets = 0
+        # (class, cmd, result) → answers: the errors, and the ok answers `_cells` has no
+        # place for (a command's second class, or past the label sets' limit)
+        self._requests = self._values["nkservice_requests"]
+        self._cells: dict[str, list[Any]] = {}  # cmd → [class, ok answers] (see `ok`)
         self._request_times = self._histogram("nkservice_request_duration_seconds", ())
         self._published = self._values["nkservice_events_published"]
         self._delivered = self._values["nkservice_events_delivered"]
@@ -123,34 +127,46 @@ class Metrics:
     # -- counting (the hot paths first) ----------------------------------------------------
 
     def ok(self, request: Request) -> None:
-        """A client request answered ok (its `received`: `perf_counter()` at its arrival).
-        Counted by class, then command: a str keeps its hash, where a new tuple would be
-        hashed again at each look-up."""
+        """A client request answered ok. Counted in one look-up, by command (its str has
+        its hash already: routing hashed it), in a cell that names the first class seen
+        with it; the same command in another class counts as an error does."""
         try:
-            counts = self._ok[request.class_]
-            cmd = request.cmd
-            counts[cmd] = answered = counts[cmd] + 1
+            cell = self._cells[request.cmd]
+            if cell[0] == request.class_:
+                cell[1] = answered = cell[1] + 1
+            else:
+                answered = self._count(request, "ok")
         except KeyError:
-            answered = self._first_ok(request.class_, request.cmd)
-        if answered % TIMED_EVERY == 1:
+            answered = self._first_ok(request)
+        if request.received:
             self._time(request.received)
+        elif answered % TIMED_EVERY == 1:
+            self.time_next = True
 
     def failed(self, request: Request, result: str) -> None:
         """A client request answered with an error (`result`: its name)."""
+        answered = self._count(request, result)
+        if request.received:
+            self._time(request.received)
+        elif answered % TIMED_EVERY == 1:
+            self.time_next = True
+
+    def _count(self, request: Request, result: str) -> int:
+        """Count an answer under (class, cmd, result); how many so far (0: under `_other`)."""
         key = (request.class_, request.cmd, result)
         requests = self._requests
-        self._add(requests, key, 1)
-        if requests.get(key, 0) % TIMED_EVERY == 1:
-            self._time(request.received)
-
-    def _first_ok(self, class_: str, cmd: str) -> int:
-        """The first ok answer of a class and command: a new label set, or `_other` past
-        the limit (then not timed)."""
-        if len(self._requests) + self._ok_sets >= MAX_LABEL_SETS:
-            self._add(self._requests, (OTHER, OTHER, OTHER), 1)
+        answered = requests.get(key)
+        if answered is None and len(requests) + len(self._cells) >= MAX_LABEL_SETS:
+            requests[OTHER_REQUEST] = requests.get(OTHER_REQUEST, 0) + 1
             return 0
-        self._ok.setdefault(class_, {})[cmd] = 1
-        self._ok_sets += 1
+        requests[key] = answered = (answered or 0) + 1
+        return answered
+
+    def _first_ok(self, request: Request) -> int:
+        """The first ok answer of a command: its cell, unless past the label sets' limit."""
+        if len(self._requests) + len(self._cells) >= MAX_LABEL_SETS:
+            return self._count(request, "ok")
+        self._cells[request.cmd] = [request.class_, 1]
         return 1
 
     def _time(self, received: float) -> None:
@@ -211,8 +227,7 @@ class Metrics:
                    for labels, value in values.items()]
             for name, values in self._values.items()}
         snapshot["nkservice_requests"] += [[class_, cmd, "ok", answered]
-                                           for class_, counts in self._ok.items()
-                                           for cmd, answered in counts.items()]
+                                           for cmd, (class_, answered) in self._cells.items()]
         for name, labels, value in self._gauges():
             snapshot[name].append([*labels, value])
         return snapshot

@@ -17,6 +17,7 @@ from nkservice.metrics import (
     OTHER,
     TIMED_EVERY,
     Metrics,
+    Uncounted,
     disconnect_reason,
     merge,
     render,
@@ -52,8 +53,12 @@ async def scrape(node: Node) -> Samples:
 
 def answered(metrics: Metrics, class_: str, cmd: str, result: str = "ok",
              received: float | None = None) -> None:
-    request = Request(class_, cmd, 1, received=perf_counter() if received is None
-                      else received)
+    """A request through `metrics` as `Session` does it: timed when `time_next` says so
+    (`received`: when it arrived, else now)."""
+    request = Request(class_, cmd, 1)
+    if metrics.time_next:
+        metrics.time_next = False
+        request.received = perf_counter() if received is None else received
     if result == "ok":
         metrics.ok(request)
     else:
@@ -62,7 +67,7 @@ def answered(metrics: Metrics, class_: str, cmd: str, result: str = "ok",
 
 def test_requests_and_their_times() -> None:
     metrics = Metrics()
-    answered(metrics, "core", "ping", received=0.0)  # arrived long ago: the last bucket
+    answered(metrics, "core", "ping", received=perf_counter() - 60)  # timed: the first
     for _ in range(TIMED_EVERY + 1):
         answered(metrics, "core", "ping")
     answered(metrics, "chat", "post", "unauthorized")
@@ -72,11 +77,23 @@ def test_requests_and_their_times() -> None:
                                                          "result": "ok"}) == TIMED_EVERY + 2
     assert value(samples, "nkservice_requests_total", **{
         "class": "chat", "cmd": "post", "result": "unauthorized"}) == 2
-    # Timed: the 1st and the 17th ping, the 1st error.
+    # Timed: the first request (a minute old: over the last bucket), then the request after
+    # the 17th ping's answer, and the one after the first error.
     assert value(samples, "nkservice_request_duration_seconds_count") == 3
     assert value(samples, "nkservice_request_duration_seconds_bucket", le="0.01") == 2
     assert value(samples, "nkservice_request_duration_seconds_bucket", le="10.0") == 2
     assert value(samples, "nkservice_request_duration_seconds_bucket", le="+Inf") == 3
+    assert value(samples, "nkservice_request_duration_seconds_sum") >= 60
+
+
+def test_uncounted_times_nothing() -> None:
+    metrics = Uncounted()
+    for _ in range(3 * TIMED_EVERY):
+        answered(metrics, "core", "ping")
+    assert not metrics.time_next  # asked once at most, for the first request
+    snapshot = metrics.snapshot()
+    assert snapshot["nkservice_requests"] == []
+    assert snapshot["nkservice_request_duration_seconds"] == [[[0] * 17 + [0.0]]]
 
 
 def test_label_sets_are_capped() -> None:
@@ -166,8 +183,8 @@ async def test_requests_sessions_and_connections(node: Node,
         "class": "core", "cmd": "login", "result": "ok"}) == 2
     assert value(samples, "nkservice_requests_total", **{
         "class": "core", "cmd": "no_such_command", "result": "unknown_command"}) == 1
-    # Timed: the first answer of each class, cmd and result (login, ping, the error).
-    assert value(samples, "nkservice_request_duration_seconds_count") == 3
+    # Timed: the first request (alice's login), and the one after the first ping's answer.
+    assert value(samples, "nkservice_request_duration_seconds_count") == 2
     assert value(samples, "nkservice_sessions", service="demo") == 2
     assert value(samples, "nkservice_connections", service="demo", transport="tcp") == 1
     assert value(samples, "nkservice_connections", service="demo", transport="ws") == 1

@@ -97,8 +97,13 @@ class Session:
     # -- RequestHandler ------------------------------------------------------------------
 
     def on_request(self, request: Request) -> None:
-        if not request.received:  # (a request that waited for a login has its time)
+        metrics = self._metrics
+        if metrics.time_next:  # a sample of the requests is timed (metrics.py)
+            metrics.time_next = False
             request.received = perf_counter()
+        self._handle(request)
+
+    def _handle(self, request: Request) -> None:
         if self._backlog is not None:
             self._backlog.append(request)
             return
@@ -288,7 +293,7 @@ class Session:
     def _run_backlog(self) -> None:
         backlog, self._backlog = self._backlog, None
         while backlog and not self.conn.closed:
-            self.on_request(backlog.popleft())
+            self._handle(backlog.popleft())
             if self._backlog is not None:  # that request started another login
                 self._backlog.extend(backlog)
                 return
