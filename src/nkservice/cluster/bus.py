@@ -1,7 +1,11 @@
 """The bus of a cluster: events between processes over NATS (DESIGN.md "Cluster").
 
-An event is delivered to this process's own subscribers at once, in the publisher's call,
-as with one process, then published on NATS for the others. A process subscribes on NATS
+An event goes to NATS first, for the other processes, then to this process's own
+subscribers: at the end of the loop's turn, once that turn's messages are written to NATS in
+one go. So the other processes work on a fan-out while this one writes its share, where
+writing ours first would hold theirs back by as long (a pipelined burst of events to
+thousands of subscribers: the whole burst). Events from one sender still reach each
+receiver in order: every event takes this path. A process subscribes on NATS
 to one subject per distinct subscription key its sessions hold (reference-counted by
 `Events`: the first subscriber of a key adds the interest, the last one removes it), so an
 event crosses the network only to the processes that may want it.
@@ -42,13 +46,13 @@ class NatsBus:
         self._activating: dict[Topic, asyncio.Future[None]] = {}  # until NATS has them
         self._sequence = 0
         self._last_seen: dict[str, int] = {}  # publisher → highest sequence delivered
+        self._ours: list[tuple[Topic, Any]] = []  # published this turn, for our subscribers
 
     def on_event(self, deliver: Deliver) -> None:
         self._deliver = deliver
 
     def publish(self, topic: Topic, body: Any) -> None:
         assert self._deliver is not None, "the bus has no receiver yet"
-        self._deliver(topic, body)
         self._sequence += 1
         try:
             self._link.publish(event_subject(topic), orjson.dumps(
@@ -57,6 +61,20 @@ class NatsBus:
         except TooLarge as error:
             log.warning("an event of %s/%s too large for the other processes (%s): "
                         "delivered in this one only", topic.service, topic.class_, error)
+        if not self._ours:
+            asyncio.get_running_loop().call_soon(self._deliver_ours)
+        self._ours.append((topic, body))
+
+    def _deliver_ours(self) -> None:
+        self._link.write_now()  # the others' copies first: they start on them meanwhile
+        ours, self._ours = self._ours, []
+        assert self._deliver is not None
+        for topic, body in ours:
+            try:
+                self._deliver(topic, body)
+            except Exception:  # one event's failure must not cost the others theirs
+                log.exception("delivering an event of %s/%s failed", topic.service,
+                              topic.class_)
 
     def add_interest(self, topic: Topic) -> Awaitable[None] | None:
         if topic not in self._interest:

@@ -191,9 +191,13 @@ class NatsLink:
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Write everything this turn of the loop queued, at once; when the socket is
-        already behind, leave it to the client's flusher, which waits for it to drain."""
         self._flush_asked = False
+        self.write_now()
+
+    def write_now(self) -> None:
+        """Write everything queued so far, at once (the end of a loop's turn does, for all
+        of that turn); when the socket is already behind, leave it to the client's
+        flusher, which waits for it to drain."""
         client = self.client
         if not client.is_connected or not client._pending:
             return  # reconnecting: nats-py sends the buffer after its CONNECT
