@@ -21,14 +21,20 @@ import picows
 CLOSE_TIMEOUT = 2.0
 PING = b'{"class":"core","cmd":"ping","tid":%d}'
 LOGIN_TID = 0
-LOGIN = orjson.dumps(
-    {
-        "class": "core",
-        "cmd": "login",
-        "tid": LOGIN_TID,
-        "data": {"user": "admin", "password": "admin"},
-    }
-)
+
+
+def login_message(user: str = "admin", password: str = "admin") -> bytes:
+    return orjson.dumps(
+        {
+            "class": "core",
+            "cmd": "login",
+            "tid": LOGIN_TID,
+            "data": {"user": user, "password": password},
+        }
+    )
+
+
+LOGIN = login_message()  # the global admin's
 
 
 def masked_text_header(size: int) -> bytes:
@@ -52,9 +58,11 @@ class Session:
     request and must not be answered as one).
     """
 
-    def __init__(self, send: Callable[[list[bytes]], None], *, echo: bool) -> None:
+    def __init__(self, send: Callable[[list[bytes]], None], *, echo: bool,
+                 login: bytes = LOGIN) -> None:
         self._send = send
         self._echo = echo
+        self._login = login
         self._next_tid = 1
         self.running = False
         self.replies = 0
@@ -70,7 +78,7 @@ class Session:
         self.login: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
 
     def start_login(self) -> None:
-        self._send([LOGIN])
+        self._send([self._login])
 
     def start(self, window: int) -> None:
         """Put `window` pings in flight; each reply then sends the next one."""
@@ -143,10 +151,10 @@ class Session:
 
 
 class TcpClient(asyncio.Protocol):
-    def __init__(self, *, echo: bool) -> None:
+    def __init__(self, *, echo: bool, login: bytes = LOGIN) -> None:
         self._transport: asyncio.WriteTransport | None = None
         self._pending = b""
-        self.session = Session(self._write, echo=echo)
+        self.session = Session(self._write, echo=echo, login=login)
 
     def _write(self, messages: list[bytes]) -> None:
         assert self._transport is not None
@@ -203,11 +211,11 @@ class MaskedFrames:
 
 
 class WsClient(picows.WSListener):
-    def __init__(self, *, echo: bool) -> None:
+    def __init__(self, *, echo: bool, login: bytes = LOGIN) -> None:
         self._transport: picows.WSTransport | None = None
         self._frames = MaskedFrames()
         self._out: list[bytes] = []  # frames to write once the current read is processed
-        self.session = Session(self._write, echo=echo)
+        self.session = Session(self._write, echo=echo, login=login)
 
     def _write(self, messages: list[bytes]) -> None:
         assert self._transport is not None
@@ -253,15 +261,17 @@ Client = TcpClient | WsClient
 _WS_READ_BUFFER = 4096
 
 
-async def connect(transport: str, host: str, port: int, *, echo: bool) -> Client:
-    """Open one connection and, unless `echo`, log in; raises on failure."""
+async def connect(transport: str, host: str, port: int, *, echo: bool,
+                  login: bytes = LOGIN) -> Client:
+    """Open one connection and, unless `echo`, log in (with `login`); raises on failure."""
     client: Client
     if transport == "tcp":
         loop = asyncio.get_running_loop()
-        _, client = await loop.create_connection(lambda: TcpClient(echo=echo), host, port)
+        _, client = await loop.create_connection(
+            lambda: TcpClient(echo=echo, login=login), host, port)
     else:
         _, listener = await picows.ws_connect(
-            lambda: WsClient(echo=echo),
+            lambda: WsClient(echo=echo, login=login),
             f"ws://{host}:{port}/",
             read_buffer_init_size=_WS_READ_BUFFER,
             # Measured: uvloop's own transport is cheaper for this client than aiofastnet.

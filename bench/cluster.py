@@ -3,8 +3,10 @@
 Each measurement is made against its baseline in the same run, in interleaved rounds
 (every other round in reverse order), and the ratio is taken within each round:
 
-1. **Workers: round trips.** `core ping`, 50 connections x 32 in flight (section 1's
-   pipelined scenario), on tcp, against a node of 1 worker and a node of 2. The load
+1. **Workers: round trips.** `core ping` by a plain user of service `bench` (an admin's
+   answer would carry the cluster's state with 2 workers only), 50 connections x 32 in
+   flight (section 1's pipelined scenario), on tcp, against a node of 1 worker and a node
+   of 2; the connections on each worker counted from its open files. The load
    generator is bench/loadgen/loadgen.c (C, one thread, epoll), compiled here with `cc -O2`:
    on 2 cores, a node of 2 workers shares them with its load generator, and the ratio can
    only approach 2x when the load costs a small fraction of the server's CPU (a Python load
@@ -16,7 +18,8 @@ Each measurement is made against its baseline in the same run, in interleaved ro
    names the process that holds the session.
 3. **The bus on a one-worker node.** The same node with `cluster` set to a NATS server of
    this section's (bus on) and without (bus off), no other process of the cluster: round
-   trips (bench/loadgen.py's pipelined scenario on tcp and ws), fan-out to 1,000
+   trips (bench/loadgen.py's pipelined scenario on tcp and ws, the plain user of part 1),
+   fan-out to 1,000
    subscribers (bench/eventload.py's `fanout`), and publishes to 10 receivers among 1,000
    subscriptions with 32 publishes in flight (bench/eventload.py's `matching`).
 4. **Idle sessions.** A node of several workers (8: a process holds at most 20,000 files
@@ -39,7 +42,6 @@ import contextlib
 import math
 import os
 import re
-import resource
 import socket
 import statistics
 import subprocess
@@ -56,7 +58,7 @@ from typing import Any
 
 import orjson
 import psutil
-from cpuwatch import tree_cpu_seconds
+from cpuwatch import Busy, machine_busy_seconds
 from fanout import QUIET_SECONDS, FanoutTiming
 from harness import LoadFailed, LoadProcess, LoadSession, RunContext, median_sample
 from oslimits import pin
@@ -64,6 +66,7 @@ from report import markdown_table
 from servers import BENCH_DIR, HOST, NKSERVICE, ServerFailed, ServerProcess, free_port
 
 MB = 1024 * 1024
+BENCH_USER = "bench"  # its password is the same: the round trips log in to `bench` with it
 START_TIMEOUT = 60.0  # launch to `node started` (a node of 8 workers starts them in turn)
 SETTLE_SECONDS = 2.0
 NATS_BINARY = Path(sys.executable).parent / "nats-server"
@@ -147,6 +150,9 @@ class ClusterServer(ServerProcess):
                          ctx.log_dir / f"nkservice-cluster-{label}.log")
         self.node = node
         self.nats_url = nats_url
+        # The round trips' service: a plain user's `core ping` (an admin's would carry the
+        # cluster's state, with workers or the bus only: not the same request).
+        self.ports["bench"] = free_port()
         if node.workers == 1:
             # A service of its own for part 3's publishes, so that the fan-out subscribers
             # of the core service (class `bench`, any type) do not receive them.
@@ -173,7 +179,13 @@ password = "admin"
 listen = ["ws://{HOST}:{self.ports["ws"]}/", "tcp://{HOST}:{self.ports["tcp"]}"]
 ping_interval = 0
 max_pending_requests = 100000
-{resume}{self._pub_service()}"""
+{resume}
+[services.bench]
+listen = ["ws://{HOST}:{self.ports["bench"]}/", "tcp://{HOST}:{self.ports["bench"]}"]
+users = {{ {BENCH_USER} = "{BENCH_USER}" }}
+ping_interval = 0
+max_pending_requests = 100000
+{self._pub_service()}"""
         )
         return [sys.executable, "-m", "nkservice", "serve", "--config", str(config)]
 
@@ -382,53 +394,6 @@ class NatsTap:
 # -- CPU over a period ---------------------------------------------------------------------------
 
 
-def _machine_busy() -> float:
-    times = psutil.cpu_times()
-    return float(times.user + times.nice + times.system)
-
-
-def _waited_children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-class Busy:
-    """The CPU used over a period by the given process trees and, from the machine's
-    total, by every other process (other work on the machine: it disturbs the figures).
-    Load processes that end within the period count through RUSAGE_CHILDREN."""
-
-    def __init__(self, pids: dict[str, int]) -> None:
-        self._pids = pids
-        self._t0 = time.perf_counter()
-        self._machine0 = _machine_busy()
-        self._trees0 = {name: _tree(pid) for name, pid in pids.items()}
-        self._children0 = _waited_children_cpu()
-        self._own0 = _own_cpu()
-
-    def finish(self) -> dict[str, float]:
-        elapsed = time.perf_counter() - self._t0
-        trees = {name: _tree(pid) - self._trees0[name] for name, pid in self._pids.items()}
-        ours = (sum(trees.values()) + _waited_children_cpu() - self._children0
-                + _own_cpu() - self._own0)
-        machine = _machine_busy() - self._machine0
-        figures = {f"{name}_cpu_pct": 100 * cpu / elapsed for name, cpu in trees.items()}
-        figures["other_cpu_pct"] = max(0.0, 100 * (machine - ours) / elapsed)
-        figures["machine_cpu_pct"] = 100 * machine / elapsed
-        return figures
-
-
-def _tree(pid: int) -> float:
-    try:
-        return tree_cpu_seconds(pid)
-    except psutil.Error:
-        return 0.0
-
-
-def _own_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 # -- rows ----------------------------------------------------------------------------------------
 
 
@@ -496,8 +461,9 @@ def _roundtrip(ctx: RunContext, server: ClusterServer, transport: str, timing: C
     """One run of bench/loadgen.py's pipelined round trips, with the CPU of everyone and
     (while it runs) how its 50 connections are spread over the workers."""
     args = [
-        "roundtrip", f"--transport={transport}", f"--port={server.ports[transport]}",
-        "--conns=50", "--window=32", f"--warmup={timing.warmup}",
+        "roundtrip", f"--transport={transport}", f"--port={server.ports['bench']}",
+        f"--user={BENCH_USER}", f"--password={BENCH_USER}", "--conns=50", "--window=32",
+        f"--warmup={timing.warmup}",
         f"--duration={timing.duration}", f"--server-pid={server.pid}", "--phase-timeout=30",
     ]
     pids = {"server": server.pid}
@@ -507,17 +473,7 @@ def _roundtrip(ctx: RunContext, server: ClusterServer, transport: str, timing: C
     already = server.connections()  # the fan-out's subscribers may be connected too
     busy = Busy(pids)
     load = _load_ctx(ctx, server.node).start_load(args, label)
-    try:
-        time.sleep(min(0.5 + timing.warmup / 2, timing.warmup + timing.duration))
-        split = [now - before for now, before in zip(server.connections(), already,
-                                                      strict=True)]
-        out, _ = load.proc.communicate(timeout=timing.warmup + timing.duration + 60)
-    except subprocess.TimeoutExpired:
-        load.abort()
-        raise LoadFailed("load generator still running after its deadline; killed") from None
-    except BaseException:
-        load.abort()
-        raise
+    split, out = _split_and_wait(load, server, already, timing, 60)
     sample = load.result(out)
     sample.update(busy.finish())
     sample["rate"] = sample["rps"]
@@ -526,6 +482,25 @@ def _roundtrip(ctx: RunContext, server: ClusterServer, transport: str, timing: C
         sample.update(_nats_counts(varz0, nats.varz(), sample["requests"]))
     server.check_alive()
     return sample
+
+
+def _split_and_wait(load: LoadProcess, server: ClusterServer, already: list[int],
+                    timing: ClusterTiming, spare: float) -> tuple[list[int], bytes]:
+    """The round-trip load's connections on each worker (its open files beyond `already`,
+    counted half-way through the warm-up, once they are all logged in), and its output once
+    it ends (within `spare` seconds of its own measuring time)."""
+    try:
+        time.sleep(min(0.5 + timing.warmup / 2, timing.warmup + timing.duration))
+        split = [now - before
+                 for now, before in zip(server.connections(), already, strict=True)]
+        out, _ = load.proc.communicate(timeout=timing.warmup + timing.duration + spare)
+    except subprocess.TimeoutExpired:
+        load.abort()
+        raise LoadFailed("load generator still running after its deadline; killed") from None
+    except BaseException:
+        load.abort()
+        raise
+    return split, out
 
 
 def _nats_counts(before: dict[str, Any], after: dict[str, Any], per: float) -> dict[str, Any]:
@@ -724,21 +699,16 @@ def _c_roundtrip(ctx: RunContext, server: ClusterServer, timing: ClusterTiming,
     """One run of the C load generator's round trips (a fresh process: connect, log in,
     warm up, measure), with the CPU of the node's processes over the measured period."""
     before, started = (tap.snapshot() if tap else {}), time.perf_counter()
-    args = ["rtt", "--port", str(server.ports["tcp"]), "--conns", str(RTT_CONNS),
-            "--window", str(RTT_WINDOW), "--warmup", f"{timing.warmup:g}",
-            "--duration", f"{timing.duration:g}", "--setup-timeout", "30", *_pids_arg(server)]
+    args = ["rtt", "--port", str(server.ports["bench"]), "--user", BENCH_USER, "--password",
+            BENCH_USER, "--conns", str(RTT_CONNS), "--window", str(RTT_WINDOW),
+            "--warmup", f"{timing.warmup:g}", "--duration", f"{timing.duration:g}",
+            "--setup-timeout", "30", *_pids_arg(server)]
+    already = server.connections()
     load = CLoad(args, ctx.log_dir / f"loadgen-{label}.log", _load_cpus(ctx, server.node))
-    try:
-        out, _ = load.proc.communicate(timeout=30 + timing.warmup + timing.duration + 30)
-    except subprocess.TimeoutExpired:
-        load.abort()
-        raise LoadFailed("load generator still running after its deadline; killed") from None
-    except BaseException:
-        load.abort()
-        raise
+    split, out = _split_and_wait(load, server, already, timing, 60)
     sample = load.result(out)
     sample["rate"] = sample["rps"]
-    sample["split"] = server.split(sample["processes"])
+    sample["split"] = split
     # per request of the whole run (its measured requests / measured seconds x run time)
     _tapped(sample, tap, before, started,
             sample["rps"] * (timing.warmup + timing.duration))
@@ -792,9 +762,9 @@ def wait_quiet(limit: float = QUIET_WAIT) -> float:
     first look."""
     start = time.monotonic()
     while True:
-        busy0, t0 = _machine_busy(), time.monotonic()
+        busy0, t0 = machine_busy_seconds(), time.monotonic()
         time.sleep(QUIET_WINDOW)
-        busy = 100 * (_machine_busy() - busy0) / (time.monotonic() - t0)
+        busy = 100 * (machine_busy_seconds() - busy0) / (time.monotonic() - t0)
         waited = time.monotonic() - start
         if busy < QUIET_BUSY_PCT or waited >= limit:
             return max(0.0, waited - QUIET_WINDOW)

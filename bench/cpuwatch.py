@@ -1,7 +1,8 @@
 """CPU accounting for a measured period, shared by the load generators.
 
 The figures: the CPU time the server process tree and the load generator itself used, as a
-share of one core, and (CoreWatch) what the server's core and the whole machine did.
+share of one core, and (CoreWatch) what the server's core and the whole machine did; for
+the sections that run several processes of their own (Busy), what everyone else used.
 """
 
 from __future__ import annotations
@@ -75,3 +76,47 @@ class Period:
             "client_cpu_pct": 100 * own_cpu / elapsed,
             **self._cores.finish(),
         }
+
+
+def machine_busy_seconds() -> float:
+    times = psutil.cpu_times()
+    return float(times.user + times.nice + times.system)
+
+
+def _waited_children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _tree(pid: int) -> float:
+    try:
+        return tree_cpu_seconds(pid)
+    except psutil.Error:
+        return 0.0
+
+
+class Busy:
+    """The CPU used over a period by the given process trees and, from the machine's
+    total, by every other process (other work on the machine: others run tests on it, and
+    that disturbs the figures). Load processes that end within the period count through
+    RUSAGE_CHILDREN."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self._pids = pids
+        self._t0 = time.perf_counter()
+        self._machine0 = machine_busy_seconds()
+        self._trees0 = {name: _tree(pid) for name, pid in pids.items()}
+        self._children0 = _waited_children_cpu()
+        self._own0 = own_cpu_seconds()
+
+    def finish(self) -> dict[str, float]:
+        """`<name>_cpu_pct` for each tree, `other_cpu_pct`, `machine_cpu_pct`: % of a core."""
+        elapsed = time.perf_counter() - self._t0
+        trees = {name: _tree(pid) - self._trees0[name] for name, pid in self._pids.items()}
+        ours = (sum(trees.values()) + _waited_children_cpu() - self._children0
+                + own_cpu_seconds() - self._own0)
+        machine = machine_busy_seconds() - self._machine0
+        figures = {f"{name}_cpu_pct": 100 * cpu / elapsed for name, cpu in trees.items()}
+        figures["other_cpu_pct"] = max(0.0, 100 * (machine - ours) / elapsed)
+        figures["machine_cpu_pct"] = 100 * machine / elapsed
+        return figures

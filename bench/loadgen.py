@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 import uvloop
-from clients import Client, connect
+from clients import Client, connect, login_message
 from cpuwatch import CoreWatch, own_cpu_seconds, tree_cpu_seconds
 from oslimits import raise_nofile_limit
 
@@ -44,13 +44,14 @@ async def _connect_many(args: argparse.Namespace) -> tuple[list[Client], list[st
     gate = asyncio.Semaphore(args.concurrency)
     clients: list[Client] = []
     failures: list[str] = []
+    login = login_message(args.user, args.password)
 
     async def one() -> None:
         async with gate:
             try:
                 clients.append(
                     await asyncio.wait_for(
-                        connect(args.transport, HOST, args.port, echo=args.echo),
+                        connect(args.transport, HOST, args.port, echo=args.echo, login=login),
                         args.connect_timeout,
                     )
                 )
@@ -155,6 +156,8 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--echo", action="store_true", help="the peer is a bare echo server (no login)"
     )
+    parser.add_argument("--user", default="admin", help="who logs in (the global admin)")
+    parser.add_argument("--password", default="admin")
     parser.add_argument("--conns", type=int, default=50)
     parser.add_argument("--window", type=int, default=32, help="requests in flight per connection")
     parser.add_argument("--warmup", type=float, default=2.0)

@@ -81,9 +81,10 @@ class Supervised:
             await self._reader
 
 
-def write_config(tmp_path: Path, listen: str, *, workers: int | None) -> Path:
+def write_config(tmp_path: Path, *listen: str, workers: int | None) -> Path:
     config = tmp_path / "node.toml"
     node = f"\nworkers = {workers}" if workers is not None else ""
+    urls = ", ".join(f'"{url}"' for url in listen)
     config.write_text(f"""
 [node]
 data_dir = "{tmp_path / 'data'}"{node}
@@ -93,7 +94,7 @@ user = "{ADMIN[0]}"
 password = "{ADMIN[1]}"
 
 [core]
-listen = ["{listen}"]
+listen = [{urls}]
 ping_interval = 0
 """)
     return config

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.test_workers import ADMIN, STARTED, Supervised, close_all, one_on_each, serve
+from tests.test_workers import (
+    STARTED,
+    Supervised,
+    close_all,
+    one_on_each,
+    serve,
+    write_config,
+)
 from tests.web.client import fetch
 from tests.web.test_metrics import parse, value
 
@@ -19,20 +26,8 @@ PINGS = {0: 3, 1: 5}  # per worker
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[Supervised]:
     port = free_port()
-    config = tmp_path / "node.toml"
-    config.write_text(f"""
-[node]
-data_dir = "{tmp_path / 'data'}"
-workers = 2
-
-[admin]
-user = "{ADMIN[0]}"
-password = "{ADMIN[1]}"
-
-[core]
-listen = ["tcp://127.0.0.1:{port}", "ws://127.0.0.1:{port}/"]
-ping_interval = 0
-""")
+    config = write_config(tmp_path, f"tcp://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/",
+                          workers=2)
     running = Supervised(await serve(config), port)
     try:
         await running.wait_for_log(STARTED)
