@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import LoadFailed, RunContext, median_sample
-from servers import HOST, NKSERVICE, ServerFailed, ServerProcess, _nkservice_config, free_port
+from servers import HOST, NKSERVICE, ServerFailed, ServerProcess, free_port, nkservice_config
 
 LUA_SCRIPT = 'function cmd(req) return {result="ok"} end'
 LOGIN_CONCURRENCY = 50
@@ -104,7 +104,7 @@ class CallbackServer(ServerProcess):
 
     def _command(self) -> list[str]:
         workdir = Path(self._workdir.name)
-        config = _nkservice_config(workdir, self.ports["ws"], self.ports["tcp"])
+        config = nkservice_config(workdir, self.ports["ws"], self.ports["tcp"])
         common = (
             'users = { bench = "bench" }\n'
             "ping_interval = 0\n"

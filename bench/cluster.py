@@ -63,7 +63,15 @@ from fanout import QUIET_SECONDS, FanoutTiming
 from harness import LoadFailed, LoadProcess, LoadSession, RunContext, median_sample
 from oslimits import pin
 from report import markdown_table
-from servers import BENCH_DIR, HOST, NKSERVICE, ServerFailed, ServerProcess, free_port
+from servers import (
+    BENCH_DIR,
+    HOST,
+    NKSERVICE,
+    ServerFailed,
+    ServerProcess,
+    free_port,
+    nkservice_config,
+)
 
 MB = 1024 * 1024
 BENCH_USER = "bench"  # its password is the same: the round trips log in to `bench` with it
@@ -161,32 +169,18 @@ class ClusterServer(ServerProcess):
         self.base_files: dict[int, int] = {}
 
     def _command(self) -> list[str]:
-        workdir = Path(self._workdir.name)
-        cluster = f'cluster = "{self.nats_url}"\n' if self.node.bus else ""
-        resume = (f"resume_window = {self.node.resume_window:g}\n"
+        cluster = f'\ncluster = "{self.nats_url}"' if self.node.bus else ""
+        resume = (f"resume_window = {self.node.resume_window:g}"
                   if self.node.resume_window else "")
-        config = workdir / "nkservice.toml"
-        config.write_text(
-            f"""[node]
-data_dir = "{workdir / "data"}"
-workers = {self.node.workers}
-{cluster}
-[admin]
-user = "admin"
-password = "admin"
-
-[core]
-listen = ["ws://{HOST}:{self.ports["ws"]}/", "tcp://{HOST}:{self.ports["tcp"]}"]
-ping_interval = 0
-max_pending_requests = 100000
-{resume}
+        config = nkservice_config(
+            Path(self._workdir.name), self.ports["ws"], self.ports["tcp"],
+            node=f"workers = {self.node.workers}{cluster}", core=resume, more=f"""
 [services.bench]
 listen = ["ws://{HOST}:{self.ports["bench"]}/", "tcp://{HOST}:{self.ports["bench"]}"]
 users = {{ {BENCH_USER} = "{BENCH_USER}" }}
 ping_interval = 0
 max_pending_requests = 100000
-{self._pub_service()}"""
-        )
+{self._pub_service()}""")
         return [sys.executable, "-m", "nkservice", "serve", "--config", str(config)]
 
     def _pub_service(self) -> str:

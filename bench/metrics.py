@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -42,12 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-from cpuwatch import tree_cpu_seconds
+from cpuwatch import Busy
 from harness import LoadFailed, RunContext, median_sample
 from report import markdown_table
 from roundtrip import SCENARIOS, Scenario, Timing
-from servers import BENCH_DIR, HOST, NKSERVICE, ServerFailed, ServerProcess
+from servers import BENCH_DIR, HOST, NKSERVICE, ServerFailed, ServerProcess, nkservice_config
 
 TARGET = 0.05  # the issue's: metrics cost round trips at most 5 %
 FULL = Timing(warmup=1.0, duration=3.0, rounds=6)
@@ -57,28 +54,6 @@ TRANSPORTS = ("tcp", "ws")
 SIDE_BY_SIDE = Scenario("side by side", conns=50, window=32)
 MEASURES = (*SCENARIOS, SIDE_BY_SIDE)
 _OTHER_NOTE_PCT = 10.0  # other processes' CPU worth a note, in % of one core
-
-
-class Others:
-    """The CPU that processes other than ours used over a period, in % of one core: the
-    machine's busy time less the servers', the load generators' (waited for within the
-    period) and this process's. Others run tests on this machine; this says when."""
-
-    def __init__(self, pids: list[int]) -> None:
-        self._pids = pids
-        self._start = self._read()
-
-    def _read(self) -> tuple[float, float, float]:
-        machine = psutil.cpu_times()
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        own = resource.getrusage(resource.RUSAGE_SELF)
-        ours = (sum(tree_cpu_seconds(pid) for pid in self._pids) + children.ru_utime
-                + children.ru_stime + own.ru_utime + own.ru_stime)
-        return time.perf_counter(), machine.user + machine.nice + machine.system, ours
-
-    def finish(self) -> float:
-        (t0, machine0, ours0), (t1, machine1, ours1) = self._start, self._read()
-        return max(0.0, 100 * ((machine1 - machine0) - (ours1 - ours0)) / (t1 - t0))
 
 
 @dataclass(frozen=True)
@@ -113,24 +88,9 @@ class MetricsServer(ServerProcess):
         self._src = src
 
     def _command(self) -> list[str]:
-        workdir = Path(self._workdir.name)
-        http = "" if self.node.metrics is None else f'\n[http]\nmetrics = "{self.node.metrics}"\n'
-        config = workdir / "nkservice.toml"
-        config.write_text(
-            f"""[node]
-data_dir = "{workdir / "data"}"
-workers = 1
-
-[admin]
-user = "admin"
-password = "admin"
-
-[core]
-listen = ["ws://{HOST}:{self.ports["ws"]}/", "tcp://{HOST}:{self.ports["tcp"]}"]
-ping_interval = 0
-max_pending_requests = 100000
-{http}"""
-        )
+        http = "" if self.node.metrics is None else f'[http]\nmetrics = "{self.node.metrics}"\n'
+        config = nkservice_config(Path(self._workdir.name), self.ports["ws"], self.ports["tcp"],
+                                  more=http)
         command = [sys.executable, "-m", "nkservice", "serve", "--config", str(config)]
         if self._src is not None:  # `env` execs the server: the pid stays the server's
             return ["env", f"PYTHONPATH={self._src}", *command]
@@ -317,10 +277,10 @@ def _with_cpu(sample: dict[str, Any], other_cpu_pct: float) -> dict[str, Any]:
 
 def _measure(ctx: RunContext, server: MetricsServer, row: MetricsRow, timing: Timing,
              round_no: int) -> dict[str, Any]:
-    others = Others([server.pid])
+    busy = Busy({"server": server.pid})
     sample = ctx.run_load(_load_args(server, row, timing), _label(row, round_no),
                           timeout=timing.warmup + timing.duration + 60)
-    sample = _with_cpu(sample, others.finish())
+    sample = _with_cpu(sample, busy.finish()["other_cpu_pct"])
     server.check_alive()
     return sample
 
@@ -329,7 +289,7 @@ def _measure_together(ctx: RunContext, servers: dict[Node, MetricsServer],
                       rows: dict[Node, MetricsRow], timing: Timing, round_no: int) -> None:
     """The pipelined load against every node at once (started in the round's order)."""
     rows = {node: row for node, row in rows.items() if row.failure is None}
-    others = Others([servers[node].pid for node in rows])
+    busy = Busy({node.slug: servers[node].pid for node in rows})
     loads = {node: ctx.start_load(_load_args(servers[node], row, timing),
                                   _label(row, round_no)) for node, row in rows.items()}
     outs: dict[Node, bytes] = {}
@@ -339,7 +299,7 @@ def _measure_together(ctx: RunContext, servers: dict[Node, MetricsServer],
         except subprocess.TimeoutExpired:
             load.abort()
             rows[node].failure = "load generator still running after its deadline; killed"
-    other = others.finish()
+    other = busy.finish()["other_cpu_pct"]
     for node, out in outs.items():
         try:
             rows[node].samples.append(_with_cpu(loads[node].result(out), other))

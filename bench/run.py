@@ -263,25 +263,25 @@ def _cluster_section(
 ) -> cluster.ClusterResults:
     timing = cluster.QUICK if quick else cluster.FULL
     results = cluster.ClusterResults()
-    if "workers" in parts:
-        title = (
-            f"median of {timing.rounds} interleaved rounds; round trips each"
-            f" {timing.warmup:g} s warm-up + {timing.duration:g} s measured; 1 worker pinned"
-            " (load generator on the other core), 2 workers and their load generator unpinned"
-        )
-        print(f"## Workers: round trips and fan-out, 1 worker against 2 ({title})\n", flush=True)
-        results.rows += cluster.run_workers(ctx, timing)
-        print(cluster.workers_table([r for r in results.rows if r.part == "workers"]), flush=True)
-        print()
-    if "bus" in parts:
-        title = (
-            f"one worker on CPU 0 with the NATS server, load generator on CPU 1; median of"
-            f" {timing.rounds} interleaved rounds"
-        )
-        print(f"## The cluster bus on a one-worker node, on and off ({title})\n", flush=True)
-        results.rows += cluster.run_bus(ctx, timing)
-        print(cluster.bus_table([r for r in results.rows if r.part == "bus"]), flush=True)
-        print()
+    rows_parts = {
+        "workers": (
+            "Workers: round trips and fan-out, 1 worker against 2 (median of"
+            f" {timing.rounds} interleaved rounds; round trips each {timing.warmup:g} s warm-up"
+            f" + {timing.duration:g} s measured; 1 worker pinned (load generator on the other"
+            " core), 2 workers and their load generator unpinned)",
+            cluster.run_workers, cluster.workers_table),
+        "bus": (
+            "The cluster bus on a one-worker node, on and off (one worker on CPU 0 with the"
+            " NATS server, load generator on CPU 1; median of"
+            f" {timing.rounds} interleaved rounds)",
+            cluster.run_bus, cluster.bus_table),
+    }
+    for part, (heading, run_part, table) in rows_parts.items():
+        if part in parts:
+            print(f"## {heading}\n", flush=True)
+            results.rows += run_part(ctx, timing)
+            print(table([r for r in results.rows if r.part == part]), flush=True)
+            print()
     if "idle" in parts:
         title = (
             f"{timing.idle_sessions:,} sessions, {timing.idle_workers} workers, nothing pinned;"

@@ -59,7 +59,11 @@ def free_port() -> int:
         return port
 
 
-def _nkservice_config(workdir: Path, ws_port: int, tcp_port: int) -> Path:
+def nkservice_config(workdir: Path, ws_port: int, tcp_port: int, *, node: str = "",
+                     core: str = "", more: str = "") -> Path:
+    """The bench's nkservice config: the global admin `admin`/`admin`, the core service on
+    `ws_port` and `tcp_port`; `node` and `core`: more lines of those tables (`workers = 1`
+    unless `node` says), `more`: more tables."""
     path = workdir / "nkservice.toml"
     # ping_interval = 0: no server pings during the run (the client would answer them
     # anyway). max_pending_requests: 50 x 32 pipelined requests must never be refused.
@@ -67,7 +71,7 @@ def _nkservice_config(workdir: Path, ws_port: int, tcp_port: int) -> Path:
     path.write_text(
         f"""[node]
 data_dir = "{workdir / "data"}"
-workers = 1
+{node or "workers = 1"}
 
 [admin]
 user = "admin"
@@ -77,7 +81,8 @@ password = "admin"
 listen = ["ws://{HOST}:{ws_port}/", "tcp://{HOST}:{tcp_port}"]
 ping_interval = 0
 max_pending_requests = 100000
-"""
+{core}
+{more}"""
     )
     return path
 
@@ -108,7 +113,7 @@ class ServerProcess:
                 _ECHO_KIND[self.spec],
                 str(port),
             ]
-        config = _nkservice_config(Path(self._workdir.name), self.ports["ws"], self.ports["tcp"])
+        config = nkservice_config(Path(self._workdir.name), self.ports["ws"], self.ports["tcp"])
         return [sys.executable, "-m", "nkservice", "serve", "--config", str(config)]
 
     def __enter__(self) -> ServerProcess:

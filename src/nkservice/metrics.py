@@ -3,11 +3,11 @@
 The counting is plain Python numbers in dicts and lists: an ok answer costs one dict
 look-up and an increment (the Prometheus client's own metric objects take a lock and a
 label look-up per increment, several times what a pipelined request costs here;
-bench/metrics.py measures what is left). Latency is sampled: after
-every 16th answer of a command, the next request to arrive is timed (`time_next`): a clock
-read per request cost more than all the rest. Prometheus's client renders the numbers at
-scrape time, from a `Snapshot`: a plain, JSON-able copy, so the snapshots of a node's worker
-processes can be gathered over the cluster and added up — one scrape sees the whole node.
+bench/metrics.py measures what is left). Latency is sampled: after every 16th answer of a
+command, the next request to arrive is timed (`time_next`), as a clock read per request
+cost more than all the rest. Prometheus's client renders the numbers at scrape time, from
+a `Snapshot`: a plain, JSON-able copy, so the snapshots of a node's worker processes can be
+gathered over the cluster and added up — one scrape sees the whole node.
 
 Label values that clients choose (a request's class and command) are kept for the first
 `MAX_LABEL_SETS` combinations of each metric; later ones count under `_other`, so a client
