@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
+from nkservice.cluster.bus import NatsBus
 from nkservice.cluster.server import EmbeddedNats
+from nkservice.events.index import Topic
 from nkservice.node import Node
 from nkservice.service.config import parse_node_config
 from tests.wire import Peer
@@ -201,3 +203,30 @@ async def test_services_follow_the_store_on_every_node(
     await converged(lambda: "shop" not in second.services)
     ok(await watcher.request("core", "ping"))
     assert watcher.waiting == []  # each change said once, by the process that made it
+
+
+async def test_an_event_goes_to_nats_before_this_process_delivers_it(start_node: Start) -> None:
+    """The other processes start on a fan-out while this one writes its own share: a loop
+    turn's events are written to NATS, then delivered here."""
+    node = await start_node()
+    assert isinstance(node.bus, NatsBus) and node.cluster is not None
+    client = node.cluster.link.client
+    deliver = node.bus._deliver
+    assert deliver is not None
+    queued_at_delivery: list[int] = []
+    all_delivered = asyncio.Event()
+
+    def watched(topic: Topic, body: Any) -> None:
+        queued_at_delivery.append(client._pending_data_size)
+        deliver(topic, body)
+        if len(queued_at_delivery) == 3:
+            all_delivered.set()
+
+    node.bus._deliver = watched
+    for number in range(3):
+        node.events.publish(Topic("demo", "chat", "*", "*", "*"), {"n": number})
+    assert queued_at_delivery == []  # not yet: this turn's events are still being published
+    assert client._pending_data_size > 0
+    async with asyncio.timeout(WAIT):
+        await all_delivered.wait()
+    assert queued_at_delivery == [0, 0, 0]  # all three handed to NATS before the first one

@@ -66,8 +66,11 @@ class NatsBus:
         self._ours.append((topic, body))
 
     def _deliver_ours(self) -> None:
-        self._link.write_now()  # the others' copies first: they start on them meanwhile
         ours, self._ours = self._ours, []
+        try:
+            self._link.write_now()  # the others' copies first: they start on them meanwhile
+        except Exception:  # NATS's trouble must not keep this process's subscribers waiting
+            log.exception("writing the events of this turn to NATS failed")
         assert self._deliver is not None
         for topic, body in ours:
             try:
