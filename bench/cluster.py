@@ -453,16 +453,19 @@ def _load_ctx(ctx: RunContext, node: Node) -> RunContext:
     return ctx if node.pinned else RunContext(ctx.log_dir, None, None)
 
 
+def _roundtrip_args(server: ClusterServer, transport: str, timing: ClusterTiming) -> list[str]:
+    """bench/loadgen.py's pipelined round trips (50x32) as the plain user of `bench`."""
+    return ["roundtrip", f"--transport={transport}", f"--port={server.ports['bench']}",
+            f"--user={BENCH_USER}", f"--password={BENCH_USER}", "--conns=50", "--window=32",
+            f"--warmup={timing.warmup}", f"--duration={timing.duration}",
+            f"--server-pid={server.pid}", "--phase-timeout=30"]
+
+
 def _roundtrip(ctx: RunContext, server: ClusterServer, transport: str, timing: ClusterTiming,
                label: str, nats: NatsServer | None = None) -> dict[str, Any]:
     """One run of bench/loadgen.py's pipelined round trips, with the CPU of everyone and
     (while it runs) how its 50 connections are spread over the workers."""
-    args = [
-        "roundtrip", f"--transport={transport}", f"--port={server.ports['bench']}",
-        f"--user={BENCH_USER}", f"--password={BENCH_USER}", "--conns=50", "--window=32",
-        f"--warmup={timing.warmup}",
-        f"--duration={timing.duration}", f"--server-pid={server.pid}", "--phase-timeout=30",
-    ]
+    args = _roundtrip_args(server, transport, timing)
     pids = {"server": server.pid}
     if nats is not None:
         pids["nats"] = nats.pid
@@ -951,10 +954,7 @@ def _bus_side_by_side(ctx: RunContext, servers: dict[Node, ClusterServer],
 
     def roundtrips() -> dict[Node, dict[str, Any]]:
         loads = {node: _load_ctx(ctx, node).start_load(
-            ["roundtrip", "--transport=tcp", f"--port={servers[node].ports['bench']}",
-             f"--user={BENCH_USER}", f"--password={BENCH_USER}", "--conns=50", "--window=32",
-             f"--warmup={timing.warmup}", f"--duration={timing.duration}",
-             f"--server-pid={servers[node].pid}", "--phase-timeout=30"],
+            _roundtrip_args(servers[node], "tcp", timing),
             f"cluster-side-{node.label.replace(' ', '-')}-{round_no + 1}") for node in nodes}
         samples = {}
         for node, load in loads.items():

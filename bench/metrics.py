@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from cpuwatch import Busy
-from harness import LoadFailed, RunContext, median_sample
+from harness import LoadFailed, RunContext
 from report import markdown_table
-from roundtrip import SCENARIOS, Scenario, Timing
+from roundtrip import SCENARIOS, RoundtripRow, Scenario, Timing
 from servers import BENCH_DIR, HOST, NKSERVICE, ServerFailed, ServerProcess, nkservice_config
 
 TARGET = 0.05  # the issue's: metrics cost round trips at most 5 %
@@ -153,17 +153,7 @@ def checkout_state() -> str:
     return f"this checkout at {commit}{dirty}"
 
 
-@dataclass
-class MetricsRow:
-    transport: str
-    scenario: Scenario
-    node: Node
-    samples: list[dict[str, Any]] = field(default_factory=list)  # one per round
-    failure: str | None = None
-
-    @property
-    def result(self) -> dict[str, Any] | None:
-        return median_sample(self.samples, "rps", self.failure)
+MetricsRow = RoundtripRow[Node]  # `server`: the node measured
 
 
 @dataclass
@@ -209,7 +199,7 @@ def _start(ctx: RunContext, stack: contextlib.ExitStack, results: MetricsResults
            nodes: list[Node], sources: dict[Node, Path | None]) -> dict[Node, MetricsServer]:
     servers: dict[Node, MetricsServer] = {}
     for node in nodes:
-        if all(row.failure is not None for row in results.rows if row.node == node):
+        if all(row.failure is not None for row in results.rows if row.server == node):
             continue
         try:
             servers[node] = stack.enter_context(MetricsServer(ctx, node, sources[node]))
@@ -239,12 +229,12 @@ def _run_round(ctx: RunContext, servers: dict[Node, MetricsServer], results: Met
 
 def _row(rows: list[MetricsRow], transport: str, scenario: Scenario, node: Node) -> MetricsRow:
     return next(r for r in rows
-                if (r.transport, r.scenario, r.node) == (transport, scenario, node))
+                if (r.transport, r.scenario, r.server) == (transport, scenario, node))
 
 
 def _fail(rows: list[MetricsRow], node: Node, why: str) -> None:
     for row in rows:
-        if row.node == node and row.failure is None:
+        if row.server == node and row.failure is None:
             row.failure = why
 
 
@@ -264,7 +254,7 @@ def _load_args(server: MetricsServer, row: MetricsRow, timing: Timing) -> list[s
 
 def _label(row: MetricsRow, round_no: int) -> str:
     scenario = row.scenario.name.replace(" ", "-")
-    return f"metrics-{row.node.slug}-{row.transport}-{scenario}-{round_no + 1}"
+    return f"metrics-{row.server.slug}-{row.transport}-{scenario}-{round_no + 1}"
 
 
 def _with_cpu(sample: dict[str, Any], other_cpu_pct: float) -> dict[str, Any]:
@@ -360,14 +350,14 @@ def table(results: MetricsResults) -> str:
         scenario = f"{row.scenario.name} ({row.scenario.conns}x{row.scenario.window})"
         if row.scenario == SIDE_BY_SIDE:
             scenario = f"{row.scenario.name} ({row.scenario.conns}x{row.scenario.window} each)"
-        first = [row.transport, scenario, _node_label(results, row.node)]
+        first = [row.transport, scenario, _node_label(results, row.server)]
         res = row.result
         if res is None:
             cells.append([*first, *["-"] * 10, f"FAILED: {_first_line(row.failure)}"])
             continue
         rates = [s["rps"] for s in row.samples]
         one = row.scenario.window == 1
-        vs = ([_ratio_cell(ratios(rows, row, OFF, key)) if row.node != OFF else "-"
+        vs = ([_ratio_cell(ratios(rows, row, OFF, key)) if row.server != OFF else "-"
                for key in ("rps", "p50_us", "p99_us", "server_us")])
         if not one:
             vs[1] = vs[2] = "-"
@@ -459,5 +449,5 @@ def counted_lines(results: MetricsResults) -> str:
 
 
 def failures(results: MetricsResults) -> list[tuple[str, str]]:
-    return [(f"nkservice {r.node.label} {r.transport} {r.scenario.name}", r.failure)
+    return [(f"nkservice {r.server.label} {r.transport} {r.scenario.name}", r.failure)
             for r in results.rows if r.failure]

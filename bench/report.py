@@ -11,7 +11,7 @@ from callbacks import CallbackRow
 from fanout import FanoutRow
 from matching import MatchingRow, MicroRow
 from memory import MemoryRow
-from roundtrip import REFERENCE, RoundtripRow, ratio_to_reference
+from roundtrip import REFERENCE, ServerRow, ratio_to_reference
 
 MB = 1024 * 1024
 
@@ -34,7 +34,7 @@ def _num(value: float | None, fmt: str = ",.0f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def roundtrip_table(rows: list[RoundtripRow]) -> str:
+def roundtrip_table(rows: list[ServerRow]) -> str:
     header = [
         "transport",
         "scenario",

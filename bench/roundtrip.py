@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from harness import LoadFailed, RunContext, median_sample
 from servers import PICOWS_ECHO, TCP_ECHO, ServerFailed, ServerProcess, ServerSpec
@@ -40,11 +40,14 @@ class Timing:
     rounds: int
 
 
+Server = TypeVar("Server")  # what the row measures: a ServerSpec here; section 8 a Node
+
+
 @dataclass
-class RoundtripRow:
+class RoundtripRow(Generic[Server]):
     transport: str
     scenario: Scenario
-    server: ServerSpec
+    server: Server
     samples: list[dict[str, Any]] = field(default_factory=list)  # one per round
     failure: str | None = None
 
@@ -53,7 +56,10 @@ class RoundtripRow:
         return median_sample(self.samples, "rps", self.failure)
 
 
-def run(ctx: RunContext, servers: list[ServerSpec], timing: Timing) -> list[RoundtripRow]:
+ServerRow = RoundtripRow[ServerSpec]  # section 1's rows: one server each
+
+
+def run(ctx: RunContext, servers: list[ServerSpec], timing: Timing) -> list[ServerRow]:
     rows = [
         RoundtripRow(t, sc, spec) for spec in servers for t in spec.transports for sc in SCENARIOS
     ]
@@ -75,14 +81,14 @@ def run(ctx: RunContext, servers: list[ServerSpec], timing: Timing) -> list[Roun
     return rows
 
 
-def _fail_server(rows: list[RoundtripRow], spec: ServerSpec, why: str) -> None:
+def _fail_server(rows: list[ServerRow], spec: ServerSpec, why: str) -> None:
     for row in rows:
         if row.server == spec and row.failure is None:
             row.failure = why
 
 
 def _measure(
-    ctx: RunContext, server: ServerProcess, row: RoundtripRow, timing: Timing, round_no: int
+    ctx: RunContext, server: ServerProcess, row: ServerRow, timing: Timing, round_no: int
 ) -> None:
     args = [
         "roundtrip",
@@ -105,7 +111,7 @@ def _measure(
     server.check_alive()  # a dead server fails all of its rows, not just this one
 
 
-def ratio_to_reference(rows: list[RoundtripRow], row: RoundtripRow) -> float | None:
+def ratio_to_reference(rows: list[ServerRow], row: ServerRow) -> float | None:
     """Median over rounds of this row's req/s divided by the reference echo's, same round."""
     ref_spec = REFERENCE[row.transport]
     for ref in rows:

@@ -334,7 +334,7 @@ def main() -> int:
     sections = args.only or list(SECTIONS)
     _print_header(ctx, nofile)
     failed = False
-    rows: list[roundtrip.RoundtripRow] = []
+    rows: list[roundtrip.ServerRow] = []
     mem_rows: list[memory.MemoryRow] = []
     fan_rows: list[fanout.FanoutRow] = []
     match_rows: list[matching.MatchingRow] = []

@@ -34,7 +34,6 @@ from nkservice.protocol.messages import Request
 
 MAX_LABEL_SETS = 1000
 OTHER = "_other"
-OTHER_REQUEST = (OTHER, OTHER, OTHER)
 TIMED_EVERY = 16  # after every 16th answer of a (class, cmd, result), a request is timed
 
 # Seconds. Answers of the core commands take microseconds; a callback app's, milliseconds.
@@ -152,15 +151,9 @@ class Metrics:
             self.time_next = True
 
     def _count(self, request: Request, result: str) -> int:
-        """Count an answer under (class, cmd, result); how many so far (0: under `_other`)."""
-        key = (request.class_, request.cmd, result)
-        requests = self._requests
-        answered = requests.get(key)
-        if answered is None and len(requests) + len(self._cells) >= MAX_LABEL_SETS:
-            requests[OTHER_REQUEST] = requests.get(OTHER_REQUEST, 0) + 1
-            return 0
-        requests[key] = answered = (answered or 0) + 1
-        return answered
+        """Count an answer under (class, cmd, result) (or `_other`); how many so far."""
+        return int(self._add(self._requests, (request.class_, request.cmd, result), 1,
+                             taken=len(self._cells)))
 
     def _first_ok(self, request: Request) -> int:
         """The first ok answer of a command: its cell, unless past the label sets' limit."""
@@ -213,10 +206,14 @@ class Metrics:
         return values
 
     @staticmethod
-    def _add(values: dict[Labels, Any], labels: Labels, amount: float) -> None:
-        if labels not in values and len(values) >= MAX_LABEL_SETS:
+    def _add(values: dict[Labels, Any], labels: Labels, amount: float, taken: int = 0
+             ) -> Any:
+        """Add to a label set (`_other` past the limit; `taken`: the metric's label sets
+        kept elsewhere); the new total."""
+        if labels not in values and len(values) + taken >= MAX_LABEL_SETS:
             labels = (OTHER,) * len(labels)
-        values[labels] = values.get(labels, 0) + amount
+        values[labels] = total = values.get(labels, 0) + amount
+        return total
 
     # -- reading ---------------------------------------------------------------------------
 
