@@ -3,9 +3,10 @@
 The counting is plain Python numbers in dicts and lists: an ok answer costs one dict
 look-up and an increment (the Prometheus client's own metric objects take a lock and a
 label look-up per increment, several times what a pipelined request costs here;
-bench/metrics.py measures what is left). Latency is sampled: after every 16th answer of a
-command, the next request to arrive is timed (`time_next`), as a clock read per request
-cost more than all the rest. Prometheus's client renders the numbers at scrape time, from
+bench/metrics.py measures what is left). Latency is sampled: the first request to arrive
+after each `SAMPLE_EVERY` seconds is timed (`time_next`, set again by a loop timer), as a
+clock read per request cost more than all the rest, and so did deciding per request
+whether to time the next one. Prometheus's client renders the numbers at scrape time, from
 a `Snapshot`: a plain, JSON-able copy, so the snapshots of a node's worker processes can be
 gathered over the cluster and added up — one scrape sees the whole node.
 
@@ -16,6 +17,7 @@ inventing command names cannot grow a process's memory or the scrape without end
 
 from __future__ import annotations
 
+import asyncio
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from nkservice.protocol.messages import Request
 
 MAX_LABEL_SETS = 1000
 OTHER = "_other"
-TIMED_EVERY = 16  # after every 16th answer of a (class, cmd, result), a request is timed
+SAMPLE_EVERY = 0.01  # seconds: at most about 100 requests a second are timed, per process
 
 # Seconds. Answers of the core commands take microseconds; a callback app's, milliseconds.
 REQUEST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -84,8 +86,8 @@ FAMILIES = {family.name: family for family in (
     Family("nkservice_requests", "counter", "Client requests answered, by result (ok, or "
            "the error code).", ("class", "cmd", "result")),
     Family("nkservice_request_duration_seconds", "histogram", "Time from a client request's "
-           "arrival to its answer, for about one request in 16 (a sample).", (),
-           REQUEST_BUCKETS),
+           "arrival to its answer, for a sample: the first request to arrive after each "
+           f"{SAMPLE_EVERY * 1000:g} ms.", (), REQUEST_BUCKETS),
     Family("nkservice_events_published", "counter", "Events published.", ("service",)),
     Family("nkservice_events_delivered", "counter", "Events sent to subscribed sessions.",
            ("service",)),
@@ -109,10 +111,11 @@ class Metrics:
     """One process's numbers. Gauges are read when a snapshot is taken (`gauges`)."""
 
     def __init__(self, gauges: Callable[[], Iterable[tuple[str, Labels, float]]] = tuple,
-                 ) -> None:
+                 sample_every: float = SAMPLE_EVERY) -> None:
         self._gauges = gauges
-        # The next request to arrive is to be timed: `Session` sets its `received` to
-        # `perf_counter()` and clears this. The first one is; `Uncounted` asks no more.
+        self._sample_every = sample_every
+        # The next request to arrive is to be timed: `Session` calls `stamp` and this is
+        # False until `sample_every` seconds later. The first request is timed.
         self.time_next = True
         self._values: dict[str, dict[Labels, Any]] = {name: {} for name in FAMILIES}
         # (class, cmd, result) → answers: the errors, and the ok answers `_cells` has no
@@ -125,42 +128,48 @@ class Metrics:
 
     # -- counting (the hot paths first) ----------------------------------------------------
 
+    def stamp(self, request: Request) -> None:
+        """Time this request, from now to its answer; the next after `sample_every`."""
+        self.time_next = False
+        request.received = perf_counter()
+        asyncio.get_running_loop().call_later(self._sample_every, self._time_next)
+
+    def _time_next(self) -> None:
+        self.time_next = True
+
     def ok(self, request: Request) -> None:
         """A client request answered ok. Counted in one look-up, by command (its str has
         its hash already: routing hashed it), in a cell that names the first class seen
         with it; the same command in another class counts as an error does."""
         try:
             cell = self._cells[request.cmd]
-            if cell[0] == request.class_:
-                cell[1] = answered = cell[1] + 1
-            else:
-                answered = self._count(request, "ok")
         except KeyError:
-            answered = self._first_ok(request)
+            self._first_ok(request)
+        else:
+            if cell[0] == request.class_:
+                cell[1] += 1
+            else:
+                self._count(request, "ok")
         if request.received:
             self._time(request.received)
-        elif answered % TIMED_EVERY == 1:
-            self.time_next = True
 
     def failed(self, request: Request, result: str) -> None:
         """A client request answered with an error (`result`: its name)."""
-        answered = self._count(request, result)
+        self._count(request, result)
         if request.received:
             self._time(request.received)
-        elif answered % TIMED_EVERY == 1:
-            self.time_next = True
 
-    def _count(self, request: Request, result: str) -> int:
-        """Count an answer under (class, cmd, result) (or `_other`); how many so far."""
-        return int(self._add(self._requests, (request.class_, request.cmd, result), 1,
-                             taken=len(self._cells)))
+    def _count(self, request: Request, result: str) -> None:
+        """Count an answer under (class, cmd, result) (or `_other`)."""
+        self._add(self._requests, (request.class_, request.cmd, result), 1,
+                  taken=len(self._cells))
 
-    def _first_ok(self, request: Request) -> int:
+    def _first_ok(self, request: Request) -> None:
         """The first ok answer of a command: its cell, unless past the label sets' limit."""
         if len(self._requests) + len(self._cells) >= MAX_LABEL_SETS:
-            return self._count(request, "ok")
-        self._cells[request.cmd] = [request.class_, 1]
-        return 1
+            self._count(request, "ok")
+        else:
+            self._cells[request.cmd] = [request.class_, 1]
 
     def _time(self, received: float) -> None:
         seconds = perf_counter() - received
@@ -207,13 +216,12 @@ class Metrics:
 
     @staticmethod
     def _add(values: dict[Labels, Any], labels: Labels, amount: float, taken: int = 0
-             ) -> Any:
+             ) -> None:
         """Add to a label set (`_other` past the limit; `taken`: the metric's label sets
-        kept elsewhere); the new total."""
+        kept elsewhere)."""
         if labels not in values and len(values) + taken >= MAX_LABEL_SETS:
             labels = (OTHER,) * len(labels)
-        values[labels] = total = values.get(labels, 0) + amount
-        return total
+        values[labels] = values.get(labels, 0) + amount
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -232,6 +240,10 @@ class Metrics:
 
 class Uncounted(Metrics):
     """A node whose metrics nobody can read (`[http] metrics = ""`) counts nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.time_next = False  # and nothing sets it: `stamp` is never called
 
     def ok(self, request: Request) -> None:
         pass

@@ -16,7 +16,6 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
-from time import perf_counter
 from typing import Any
 
 from nkservice.errors import ApiError, ErrorCode
@@ -99,8 +98,7 @@ class Session:
     def on_request(self, request: Request) -> None:
         metrics = self._metrics
         if metrics.time_next:  # a sample of the requests is timed (metrics.py)
-            metrics.time_next = False
-            request.received = perf_counter()
+            metrics.stamp(request)
         self._handle(request)
 
     def _handle(self, request: Request) -> None:
