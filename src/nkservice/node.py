@@ -30,6 +30,7 @@ from nkservice.cluster.callbacks import ClusterCallbacks
 from nkservice.cluster.kv_store import KvServiceStore
 from nkservice.cluster.node import Cluster
 from nkservice.cluster.registry import ClusterRegistry
+from nkservice.cluster.rpc import Reply
 from nkservice.errors import ApiError, ConfigError, ErrorCode
 from nkservice.events.bus import Bus, LocalBus
 from nkservice.events.fanout import Events
@@ -61,6 +62,9 @@ log = logging.getLogger(__name__)
 SHUTDOWN_DRAIN = 0.1  # seconds given to transports to flush their close frames
 UNTIL_RESTART = ("a service of the config file: this lasts until the node restarts, "
                  "which reads the file again")
+# How long the process that changed a service of the config file waits for the cluster's
+# other processes to make the same change (loading a Lua script takes up to lua_timeout).
+FOLLOW_TIMEOUT = 10.0
 
 
 class Node:
@@ -130,6 +134,7 @@ class Node:
             self.cluster_callbacks.start()
             self.cluster.rpc.serve("metrics", lambda request, reply: reply.ok(
                 {"node": self.node_id, "m": self.metrics.snapshot()}))
+            self.cluster.rpc.serve("config_service", self._serve_config_change)
             if self._own_store:  # the cluster's services are where every process sees them
                 self.store = shared = KvServiceStore(self.cluster.link.client)
         try:
@@ -250,19 +255,23 @@ class Node:
     async def update_service(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
         async with self._changing:
             service = self._changeable(name)
-            table = {key: value for key, value in {**service.config.source, **changes}.items()
-                     if value is not None}
-            definition = await self._change(service, table, renew_tls="tls" in changes,
-                                            keep=service.config.origin == "api")
+            definition = await self._update(service, changes, publish=True)
             log.info("service %s updated (%s); listening on %s", name,
                      ", ".join(sorted(changes)) or "no keys", ", ".join(self.urls(name)))
-            return self._answer(definition, {"name": name})
+        return await self._config_change_told(definition, {"name": name}, changes)
+
+    async def _update(self, service: Service, changes: dict[str, Any], *, publish: bool
+                      ) -> ServiceConfig:
+        table = {key: value for key, value in {**service.config.source, **changes}.items()
+                 if value is not None}
+        return await self._change(service, table, renew_tls="tls" in changes,
+                                  keep=service.config.origin == "api", publish=publish)
 
     async def _change(self, service: Service, table: dict[str, Any], *, renew_tls: bool,
-                      keep: bool) -> ServiceConfig:
+                      keep: bool, publish: bool) -> ServiceConfig:
         """Give a running service the definition `table`, whole or not at all (`keep`: in
-        the store too, and said in a `core/service/update` event: a change that comes from
-        the store was said by the process that made it)."""
+        the store too; `publish`: said in a `core/service/update` event, by the process
+        the change was asked of alone)."""
         name = service.name
         definition = self._parse(name, table, service.config.origin)
         self._check_ports_free(definition)
@@ -283,7 +292,7 @@ class Node:
         listeners.commit(change)
         self._hold_ports(name)
         service.reconfigure(definition, chain)
-        if keep or definition.origin == "config":
+        if publish:
             self._publish("update", name)
         return definition
 
@@ -294,7 +303,60 @@ class Node:
                 await self._keep(name, None)
             await self._remove(service, "the service was stopped")
             log.info("service %s stopped", name)
-            return self._answer(service.config, {})
+        return await self._config_change_told(service.config, {}, None)
+
+    # A service of the config file is not in the store, which the other processes follow:
+    # its change is told to them (every process of the cluster reads the same file), and
+    # answered once they have made it too.
+
+    async def _config_change_told(self, definition: ServiceConfig, answer: dict[str, Any],
+                                  changes: dict[str, Any] | None) -> dict[str, Any]:
+        """The answer to an update (`changes`) or stop (None) made here; for a service of
+        the config file, once the cluster's other processes made it too."""
+        if definition.origin != "config":
+            return answer
+        note = UNTIL_RESTART
+        if self.cluster is not None and (others := len(self.cluster.rpc.members())):
+            done = await self.cluster.rpc.gather(
+                "config_service", {"name": definition.name, "changes": changes},
+                timeout=FOLLOW_TIMEOUT)
+            if missed := others - len(done):
+                note += (f"; {missed} of the cluster's {others} other processes did not "
+                         f"make the change (their logs say why)")
+                log.warning("service %s: %d of %d other processes did not make the change",
+                            definition.name, missed, others)
+        return {**answer, "origin": "config", "note": note}
+
+    def _serve_config_change(self, request: dict[str, Any], reply: Reply) -> None:
+        task = asyncio.get_running_loop().create_task(self._follow_config_change(
+            str(request.get("name")), request.get("changes"), str(request.get("from")),
+            reply))
+        self._applying.add(task)
+        task.add_done_callback(self._applying.discard)
+
+    async def _follow_config_change(self, name: str, changes: dict[str, Any] | None,
+                                    asker: str, reply: Reply) -> None:
+        """Another process updated (`changes`) or stopped (None) a service of the config
+        file: the same here (said once, by that process)."""
+        async with self._changing:
+            service = self.services.get(name)
+            if service is None or service.config.origin != "config":  # not here (any more)
+                reply.ok()
+                return
+            try:
+                if changes is None:
+                    await self._remove(service, "the service was stopped", publish=False)
+                else:
+                    await self._update(service, changes, publish=False)
+            except Exception as error:
+                why = str(error) if isinstance(error, ConfigError | ApiError) else repr(error)
+                log.error("service %s, as process %s changed it, cannot run here: %s", name,
+                          asker, why)
+                reply.error(ApiError(ErrorCode.invalid_value, why))
+                return
+            log.info("service %s %s by process %s", name,
+                     "stopped" if changes is None else "updated", asker)
+            reply.ok()
 
     async def list_services(self) -> list[dict[str, Any]]:
         listing = []
@@ -370,7 +432,8 @@ class Node:
                     log.info("service %s created by another process", name)
                 elif table != service.config.source:
                     renew = table.get("tls") != service.config.source.get("tls")
-                    await self._change(service, table, renew_tls=renew, keep=False)
+                    await self._change(service, table, renew_tls=renew, keep=False,
+                                       publish=False)
                     log.info("service %s updated by another process", name)
             except ConfigError as error:
                 log.error("service %s, as another process stored it, cannot run here: %s",
@@ -443,12 +506,6 @@ class Node:
         body = {"listen": self.urls(name), "origin": self.services[name].config.origin}
         self.events.publish(Topic("core", "core", "service", what, name), body)
 
-    @staticmethod
-    def _answer(definition: ServiceConfig, answer: dict[str, Any]) -> dict[str, Any]:
-        """A change to a service of the config file says it lasts until the restart."""
-        if definition.origin == "config":
-            return {**answer, "origin": "config", "note": UNTIL_RESTART}
-        return answer
 
 
 def _without_name(table: dict[str, Any]) -> dict[str, Any]:

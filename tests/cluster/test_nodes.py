@@ -15,7 +15,7 @@ import pytest
 from nkservice.cluster.bus import NatsBus
 from nkservice.cluster.server import EmbeddedNats
 from nkservice.events.index import Topic
-from nkservice.node import Node
+from nkservice.node import UNTIL_RESTART, Node
 from nkservice.service.config import parse_node_config
 from tests.wire import Peer
 
@@ -203,6 +203,53 @@ async def test_services_follow_the_store_on_every_node(
     await converged(lambda: "shop" not in second.services)
     ok(await watcher.request("core", "ping"))
     assert watcher.waiting == []  # each change said once, by the process that made it
+
+
+async def test_a_service_of_the_config_file_changes_on_every_process(
+        start_node: Start, peers: list[Peer]) -> None:
+    """Every process reads the same config file: an update or a stop of one of its services
+    is made on each, and answered once it is (so nothing here waits for it)."""
+    first, second = await start_node(), await start_node()
+    watcher = await login(peers, second, "core", "admin", "secret")
+    ok(await watcher.request("core", "subscribe", {"class": "core", "subclass": "service"}))
+    alice = await login(peers, second, "demo", "alice", "pw1")
+    admin = await login(peers, first, "core", "admin", "secret")
+    answer = ok(await admin.request("core", "update_service", {"name": "demo",
+                                                                "users": {"carol": "pw3"}}))
+    assert answer == {"name": "demo", "origin": "config", "note": UNTIL_RESTART}
+    assert second.services["demo"].config.users.keys() == {"carol"}
+    await login(peers, second, "demo", "carol", "pw3")
+    refused = await Peer(second.urls("demo")[0]).connect(None)
+    peers.append(refused)
+    denied = await refused.request("core", "login", {"user": "bob", "password": "pw2"},
+                                   subclass="user")
+    assert denied["data"]["code"] == 100030, denied  # bob is not among the users any more
+    assert (await next_event(watcher))["type"] == "update"
+
+    answer = ok(await admin.request("core", "stop_service", {"name": "demo"}))
+    assert answer == {"origin": "config", "note": UNTIL_RESTART}
+    assert "demo" not in first.services and "demo" not in second.services
+    assert (await alice.read_until_closed(WAIT))[0][-1]["data"] == {
+        "code": 100081, "error": "Connection closed: the service was stopped"}
+    assert (await next_event(watcher))["type"] == "stop"
+    ok(await watcher.request("core", "ping"))
+    assert watcher.waiting == []  # each change said once, by the process that made it
+
+
+async def test_a_process_that_missed_a_change_of_the_config_file_is_named(
+        start_node: Start, nats_server: EmbeddedNats, peers: list[Peer]) -> None:
+    first, second = await start_node(), await start_node()
+    admin = await login(peers, first, "core", "admin", "secret")
+    await nats_server.stop()
+    await until(first, connected=False)
+    answer = ok(await admin.request("core", "update_service", {"name": "demo",
+                                                                "users": {"carol": "pw3"}}))
+    assert answer["note"] == (UNTIL_RESTART + "; 1 of the cluster's 1 other processes did "
+                              "not make the change (their logs say why)")
+    assert "carol" in first.services["demo"].config.users
+    assert "carol" not in second.services["demo"].config.users
+    await nats_server.restart()
+    await until(first, connected=True)
 
 
 async def test_an_event_goes_to_nats_before_this_process_delivers_it(start_node: Start) -> None:
