@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]  # no stubs in the dev dependencies
 import pytest
 
+from nkservice.node import UNTIL_RESTART
 from nkservice.workers import MAX_BACKOFF, backoff
 from tests.conftest import free_port
 from tests.wire import Peer
@@ -81,7 +82,8 @@ class Supervised:
             await self._reader
 
 
-def write_config(tmp_path: Path, *listen: str, workers: int | None) -> Path:
+def write_config(tmp_path: Path, *listen: str, workers: int | None, more: str = "") -> Path:
+    """A node's config file: the core service on `listen`; `more`: TOML appended."""
     config = tmp_path / "node.toml"
     node = f"\nworkers = {workers}" if workers is not None else ""
     urls = ", ".join(f'"{url}"' for url in listen)
@@ -96,7 +98,7 @@ password = "{ADMIN[1]}"
 [core]
 listen = [{urls}]
 ping_interval = 0
-""")
+{more}""")
     return config
 
 
@@ -204,6 +206,35 @@ async def test_two_workers_serve_one_port_and_share_events(node: Supervised) -> 
     assert sent["result"] == "ok", sent
     assert await next_event(subscriber) == event
     await close_all(*peers.values())
+
+
+async def test_a_change_to_a_service_of_the_config_file_is_made_by_both_workers(
+        tmp_path: Path) -> None:
+    port, demo = free_port(), free_port()
+    config = write_config(tmp_path, f"tcp://127.0.0.1:{port}", workers=2, more=f"""
+[services.demo]
+listen = ["tcp://127.0.0.1:{demo}"]
+users = {{ alice = "pw" }}
+""")
+    node = Supervised(await serve(config), port)
+    try:
+        await node.wait_for_log(STARTED)
+        peers = await one_on_each(port)
+        (_, asked), (_, other) = peers.items()
+        updated = await asked.request("core", "update_service",
+                                      {"name": "demo", "users": {"carol": "pw"}})
+        assert updated["result"] == "ok" and updated["data"]["note"] == UNTIL_RESTART, updated
+        for peer in peers.values():  # answered once both had made it
+            got = await peer.request("core", "get_service", {"name": "demo"})
+            assert got["data"]["users"] == ["carol"], got
+        stopped = await other.request("core", "stop_service", {"name": "demo"})
+        assert stopped["result"] == "ok" and stopped["data"]["note"] == UNTIL_RESTART, stopped
+        for peer in peers.values():
+            listed = await peer.request("core", "list_services")
+            assert [s["name"] for s in listed["data"]] == ["core"], listed
+        await close_all(*peers.values())
+    finally:
+        await node.close()
 
 
 async def test_a_killed_worker_is_started_again_and_the_other_keeps_serving(
