@@ -315,6 +315,20 @@ async def test_port_0_with_workers_is_refused_naming_the_key(tmp_path: Path,
     assert not (tmp_path / "data" / "nats").exists()  # refused before anything started
 
 
+async def test_a_metrics_port_0_with_workers_is_refused_naming_the_key(
+        tmp_path: Path) -> None:
+    config = write_config(tmp_path, f"tcp://127.0.0.1:{free_port()}", workers=2,
+                          more='[http]\nmetrics = "http://127.0.0.1:0"\n')
+    process = await serve(config)
+    async with asyncio.timeout(20):
+        _, stderr = await process.communicate()
+    assert process.returncode == 2
+    assert stderr.decode().splitlines() == [
+        "nkservice serve: bad config: http.metrics: http://127.0.0.1:0 with 2 workers: port "
+        "0 would give each worker a port of its own (and a scrape one worker's share); give "
+        "a fixed port"]
+
+
 async def test_a_worker_that_cannot_start_fails_the_start_in_one_line(tmp_path: Path) -> None:
     port = free_port()
     config = write_config(tmp_path, f"tcp://127.0.0.1:{port}", workers=2)

@@ -82,6 +82,10 @@ def check_workers(config: NodeConfig, workers: int) -> None:
                     f"{service.table}.listen",
                     f"{url.scheme}://{url.host}:0 with {workers} workers: port 0 would give "
                     "each worker a port of its own; give a fixed port")
+    if isinstance(config.http.metrics, tuple) and config.http.metrics[1] == 0:
+        raise ConfigError("http.metrics", f"http://{config.http.metrics[0]}:0 with {workers} "
+                          "workers: port 0 would give each worker a port of its own (and "
+                          "a scrape one worker's share); give a fixed port")
 
 
 def exit_description(code: int) -> str:
