@@ -13,13 +13,14 @@ from typing import Any
 import pytest
 
 from nkservice.cluster.bus import NatsBus
+from nkservice.cluster.registry import ClusterRegistry
 from nkservice.cluster.server import EmbeddedNats
 from nkservice.events.index import Topic
 from nkservice.node import UNTIL_RESTART, Node
 from nkservice.service.config import parse_node_config
 from tests.wire import Peer
 
-Start = Callable[[], Awaitable[Node]]
+Start = Callable[..., Awaitable[Node]]
 WAIT = 20.0
 
 
@@ -28,7 +29,8 @@ async def start_node(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator
     """Start nodes of one cluster, each with the `demo` service on a port of its own."""
     nodes: list[Node] = []
 
-    async def start() -> Node:
+    async def start(**demo: Any) -> Node:
+        """`demo`: more keys of the `demo` service."""
         config = parse_node_config({
             "node": {"cluster": nats_server.url, "data_dir": str(tmp_path / f"d{len(nodes)}")},
             "admin": {"user": "admin", "password": "secret"},
@@ -39,7 +41,7 @@ async def start_node(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator
                                   "max_queue": 1_000_000, "max_queue_bytes": 1 << 30,
                                   "max_unanswered_events": 1_000_000,
                                   "users": {"alice": "pw1", "bob": "pw2"},
-                                  "admin": {"user": "boss", "password": "pw"}}},
+                                  "admin": {"user": "boss", "password": "pw"}, **demo}},
         }, tmp_path)
         node = Node(config)
         await node.start()
@@ -250,6 +252,95 @@ async def test_a_process_that_missed_a_change_of_the_config_file_is_named(
     assert "carol" not in second.services["demo"].config.users
     await nats_server.restart()
     await until(first, connected=True)
+
+
+Numbers = dict[int, list[int | str]]
+
+
+async def two_senders(nodes: tuple[Node, Node], peers: list[Peer], count: int,
+                      midway: Callable[[], Awaitable[Peer]]) -> tuple[Peer, Numbers]:
+    """Two service admins, one on each node, send `count` `chat` events each (numbered),
+    then "end"; `midway()` runs when a third of them are sent: the events the peer it
+    returns got, by sender."""
+    senders = [await login(peers, node, "demo", "boss", "pw") for node in nodes]
+    third = asyncio.Event()
+
+    async def send(sender: int) -> None:
+        for n in [*range(count), "end"]:
+            ok(await senders[sender].request("core", "send_event", {
+                "class": "chat", "body": {"s": sender, "n": n}}))
+            if n == count // 3:
+                third.set()
+
+    sending = [asyncio.create_task(send(sender)) for sender in (0, 1)]
+    await third.wait()
+    receiver = await midway()
+    await asyncio.gather(*sending)
+    got: Numbers = {0: [], 1: []}
+    while not all(numbers[-1:] == ["end"] for numbers in got.values()):
+        body = (await next_event(receiver))["body"]
+        got[body["s"]].append(body["n"])
+    return receiver, got
+
+
+def every_one_once(got: Numbers, count: int) -> None:
+    missed = {sender: sorted(set(range(count)) - set(numbers))
+              for sender, numbers in got.items()}
+    assert missed == {0: [], 1: []}
+    assert got == {0: [*range(count), "end"], 1: [*range(count), "end"]}  # none twice
+
+
+async def test_a_session_resumed_on_another_process_gets_every_event_once(
+        start_node: Start, peers: list[Peer]) -> None:
+    """Events keep coming while a session is resumed on another process: each reaches it
+    once, in its sender's order (the old process keeps them until the new one holds the
+    subscriptions; the new one leaves out what the old one had)."""
+    first = await start_node(resume_window=30, resume_buffer=100_000)
+    second = await start_node(resume_window=30, resume_buffer=100_000)
+    alice = await Peer(first.urls("demo")[0]).connect(None)
+    await alice.login("alice", "pw1", session_id="phone")
+    ok(await alice.request("core", "subscribe", {"class": "chat"}))
+    await alice.close()
+    registry = first.registry
+    assert isinstance(registry, ClusterRegistry)
+    await converged(lambda: registry.local.parked("demo") == ["phone"])
+
+    async def resume() -> Peer:
+        again = await Peer(second.urls("demo")[0]).connect(None)
+        peers.append(again)
+        assert (await again.login("alice", "pw1", session_id="phone"))["resumed"] is True
+        return again
+
+    again, got = await two_senders((first, second), peers, 300, resume)
+    every_one_once(got, 300)
+    ok(await again.request("core", "ping"))
+    assert again.waiting == []
+
+
+async def test_a_session_taken_over_on_another_process_loses_no_event(
+        start_node: Start, peers: list[Peer]) -> None:
+    """The same for a live session replaced by a login on another process: what the old
+    connection got, then what the new one gets, is every event once."""
+    first, second = await start_node(), await start_node()
+    old = await Peer(first.urls("demo")[0]).connect(None)
+    peers.append(old)
+    await old.login("alice", "pw1", session_id="phone")
+    ok(await old.request("core", "subscribe", {"class": "chat"}))
+    before: Numbers = {0: [], 1: []}
+
+    async def take_over() -> Peer:
+        new = await Peer(second.urls("demo")[0]).connect(None)
+        peers.append(new)
+        await new.login("alice", "pw1", session_id="phone")
+        return new
+
+    _, after = await two_senders((first, second), peers, 300, take_over)
+    messages, _ = await old.read_until_closed(WAIT)
+    for message in messages:
+        if message.get("cmd") == "event":
+            body = message["data"]["body"]
+            before[body["s"]].append(body["n"])
+    every_one_once({sender: before[sender] + after[sender] for sender in (0, 1)}, 300)
 
 
 async def test_an_event_goes_to_nats_before_this_process_delivers_it(start_node: Start) -> None:

@@ -29,7 +29,7 @@ import orjson
 
 from nkservice.cluster.link import NatsLink, TooLarge
 from nkservice.cluster.subjects import event_subject, interest_subject
-from nkservice.events.bus import Deliver
+from nkservice.events.bus import Deliver, EventId
 from nkservice.events.index import Topic
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ class NatsBus:
         self._activating: dict[Topic, asyncio.Future[None]] = {}  # until NATS has them
         self._sequence = 0
         self._last_seen: dict[str, int] = {}  # publisher → highest sequence delivered
-        self._ours: list[tuple[Topic, Any]] = []  # published this turn, for our subscribers
+        self._ours: list[tuple[Topic, Any, int]] = []  # published this turn, for ours
+        self.delivering: EventId | None = None
 
     def on_event(self, deliver: Deliver) -> None:
         self._deliver = deliver
@@ -63,7 +64,7 @@ class NatsBus:
                         "delivered in this one only", topic.service, topic.class_, error)
         if not self._ours:
             asyncio.get_running_loop().call_soon(self._deliver_ours)
-        self._ours.append((topic, body))
+        self._ours.append((topic, body, self._sequence))
 
     def _deliver_ours(self) -> None:
         ours, self._ours = self._ours, []
@@ -72,12 +73,14 @@ class NatsBus:
         except Exception:  # NATS's trouble must not keep this process's subscribers waiting
             log.exception("writing the events of this turn to NATS failed")
         assert self._deliver is not None
-        for topic, body in ours:
+        for topic, body, sequence in ours:
+            self.delivering = (self._origin, sequence)
             try:
                 self._deliver(topic, body)
             except Exception:  # one event's failure must not cost the others theirs
                 log.exception("delivering an event of %s/%s failed", topic.service,
                               topic.class_)
+        self.delivering = None
 
     def add_interest(self, topic: Topic) -> Awaitable[None] | None:
         if topic not in self._interest:
@@ -106,4 +109,8 @@ class NatsBus:
             return  # delivered already, through another matching key
         self._last_seen[origin] = sequence
         assert self._deliver is not None
-        self._deliver(Topic(service, class_, subclass, type_, obj_id), body)
+        self.delivering = (origin, sequence)
+        try:
+            self._deliver(Topic(service, class_, subclass, type_, obj_id), body)
+        finally:
+            self.delivering = None

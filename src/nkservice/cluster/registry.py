@@ -5,9 +5,11 @@ questions about them (`cluster/rpc.py`); nothing is replicated, so a login costs
 network round trip unless its session id was chosen by the client:
 
 - **Claiming a chosen id** (§3.3) asks every process: one that holds the id for the same
-  user stops that session (or takes it out of its resume park) and hands over its
-  subscriptions and missed events; one that holds it for another user refuses
-  (`duplicated_session_id`). A random id (UUID v4) is nobody's: no question.
+  user stops that session (or takes it out of its resume park) and names its
+  subscriptions, which it keeps with what they bring; once the new session holds them
+  too, it lets go and hands over those events (`service/resume.py`: none lost, none
+  twice). One that holds the id for another user refuses (`duplicated_session_id`). A
+  random id (UUID v4) is nobody's: no question.
   Two processes claiming the same id at the same moment each see the other's claim; the
   process with the smaller id wins, the other login gets `duplicated_session_id`.
 - **Finding, listing, stopping, forwarding a request** look here first, then ask the
@@ -23,18 +25,24 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from nkservice.cluster.rpc import Gone, Reply, Rpc
 from nkservice.errors import ApiError, ErrorCode
+from nkservice.events.bus import HeldEvent
 from nkservice.events.index import Subscription, Topic
 from nkservice.protocol.messages import Response
 from nkservice.service.contracts import Caller, Claim, SessionInfo
 from nkservice.service.registry import LocalSessionRegistry
+from nkservice.service.resume import ParkedSession
 
 log = logging.getLogger(__name__)
 
 FORWARD_LIMIT = 3600.0  # a forwarded request without its own timeout: the target's rules
+# How long a session handed over to another process keeps its subscriptions and events for
+# it, if that process never asks for them (its login failed, or it is gone).
+HANDOVER_LIMIT = 10.0
 
 
 class ClusterRegistry:
@@ -51,7 +59,11 @@ class ClusterRegistry:
         # Chosen ids other processes asked for lately: (process, user, when) by (service, id).
         self._asked: dict[tuple[str, str], tuple[str, str, float]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        for operation, handler in (("take", self._serve_take), ("find", self._serve_find),
+        # Sessions handed over, until the new holder asks for their events: by (service,
+        # id, the process that took them).
+        self._handing: dict[tuple[str, str, str], ParkedSession] = {}
+        for operation, handler in (("take", self._serve_take), ("handed", self._serve_handed),
+                                   ("find", self._serve_find),
                                    ("users", self._serve_users),
                                    ("sessions_of", self._serve_sessions_of),
                                    ("stop", self._serve_stop), ("where", self._serve_where),
@@ -81,13 +93,31 @@ class ClusterRegistry:
                 raise ApiError(ErrorCode.duplicated_session_id)
             if "subs" in answer:
                 inherited = _claim_from_wire(answer)
+                inherited.handover = partial(self._take_events, answer["p"], service,
+                                             session_id)
         here = await self.local.claim(caller, user, session_id)
         return here if here.subscriptions or here.resumed else inherited
+
+    async def _take_events(self, process: str, service: str, session_id: str
+                           ) -> list[HeldEvent]:
+        """The new session holds the subscriptions: the process that had them lets go and
+        hands over the events it kept (`service/resume.py`)."""
+        try:
+            answer = await self.rpc.ask(process, "handed", {"s": service, "i": session_id},
+                                        timeout=self.timeout)
+        except (Gone, ApiError) as error:
+            log.warning("session %s of %s: the events kept for it by process %s are lost "
+                        "(%s)", session_id, service, process, error or "gone")
+            return []
+        return [(None if event_id is None else (event_id[0], event_id[1]), data.encode())
+                for event_id, data in answer]
 
     def ended(self, caller: Caller) -> None:
         self.local.ended(caller)
 
     def forget_service(self, service: str) -> None:
+        for key in [key for key in self._handing if key[0] == service]:
+            self._let_go(key)
         self.local.forget_service(service)
 
     # -- reaching sessions -----------------------------------------------------------------
@@ -172,11 +202,32 @@ class ClusterRegistry:
                            if now - v[2] < 2 * self.timeout}
         self._asked[key] = (request["from"], request["u"], now)
         try:
-            claim = self.local.release(service, session_id, request["u"])
+            handed = self.local.hand_over(service, session_id, request["u"])
         except ApiError:
             reply.ok({"taken": True})
             return
-        reply.ok(None if claim is None else _claim_to_wire(claim))
+        if handed is None:
+            reply.ok(None)
+            return
+        claim, kept = handed
+        taker = (service, session_id, request["from"])
+        self._let_go(taker)  # a take before by the same process, never finished
+        self._handing[taker] = kept
+        kept.expiry = asyncio.get_running_loop().call_later(HANDOVER_LIMIT, self._let_go,
+                                                            taker)
+        reply.ok({**_claim_to_wire(claim), "p": self.rpc.process})
+
+    def _serve_handed(self, request: dict[str, Any], reply: Reply) -> None:
+        events = self._let_go((request["s"], request["i"], request["from"]))
+        reply.ok([[event_id, data.decode()] for event_id, data in events])
+
+    def _let_go(self, key: tuple[str, str, str]) -> list[HeldEvent]:
+        kept = self._handing.pop(key, None)
+        if kept is None:
+            return []
+        if kept.expiry is not None:
+            kept.expiry.cancel()
+        return self.local.let_go(kept)
 
     def _serve_find(self, request: dict[str, Any], reply: Reply) -> None:
         self._answer(reply, self.local.find(request["s"], request["i"]),

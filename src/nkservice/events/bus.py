@@ -16,9 +16,18 @@ from typing import Any, Protocol
 from nkservice.events.index import Topic
 
 Deliver = Callable[[Topic, Any], None]
+# Who published an event, and its number among that publisher's events: on a cluster, where
+# one publisher's events reach every process in the order of their numbers.
+EventId = tuple[str, int]
+# An event as a subscriber was given it, with its id when a cluster's bus brought it.
+HeldEvent = tuple[EventId | None, bytes]
 
 
 class Bus(Protocol):
+    @property
+    def delivering(self) -> EventId | None:
+        """While `deliver` runs: the id of the event it delivers (None on one process)."""
+
     def on_event(self, deliver: Deliver) -> None:
         """Where this process's share of the events goes (called once, at start)."""
 
@@ -42,6 +51,7 @@ class LocalBus:
     """One process: publishing is delivering, and there is no one to tell of interest."""
 
     __slots__ = ("_deliver",)
+    delivering = None
 
     def __init__(self) -> None:
         self._deliver: Deliver | None = None

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple, Protocol, TypeAlias, TypeVar
 
+from nkservice.events.bus import HeldEvent
 from nkservice.events.fanout import Events, Subscriber
 from nkservice.events.index import Subscription, Topic
 from nkservice.metrics import Metrics
@@ -223,6 +224,10 @@ class Claim:
     subscriptions: list[Subscription] = field(default_factory=list)
     missed_events: list[bytes] = field(default_factory=list)
     resumed: bool = False
+    # From another process of a cluster: once the new session holds the subscriptions,
+    # that process lets go of them and hands over the events it kept (`resume.py`);
+    # `missed_events` is empty then.
+    handover: Callable[[], Awaitable[list[HeldEvent]]] | None = None
 
 
 class SessionRegistry(Protocol):

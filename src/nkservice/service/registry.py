@@ -12,12 +12,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nkservice.errors import ApiError, ErrorCode
+from nkservice.events.bus import HeldEvent
 from nkservice.events.fanout import Events
 from nkservice.events.index import Subscription
 from nkservice.protocol.messages import Response
 from nkservice.service.contracts import Caller, Claim, SessionInfo, subscriptions_of
 from nkservice.service.resume import ParkedSession
 from nkservice.service.waiters import FutureWaiter
+
+# Events a live session taken over by another process keeps for it, at least, while that
+# process takes its subscriptions (milliseconds, normally).
+HANDOVER_BUFFER = 1000
 
 
 @dataclass(slots=True)
@@ -81,7 +86,36 @@ class LocalSessionRegistry:
         if unparked is None or unparked[0].user != user:
             return None
         parked, subscriptions = unparked
-        return Claim(subscriptions, list(parked.buffer), resumed=True)
+        return Claim(subscriptions, [data for _, data in parked.buffer], resumed=True)
+
+    def hand_over(self, service: str, session_id: str, user: str
+                  ) -> tuple[Claim, ParkedSession] | None:
+        """`release` for a login on another process of a cluster: the subscriptions stay,
+        held by the returned record that keeps what they bring until `let_go`; the claim
+        names them (no events: `let_go` has them)."""
+        book = self._book(service)
+        holder = book.sessions.get(session_id)
+        if holder is not None:
+            if holder.user != user:
+                raise ApiError(ErrorCode.duplicated_session_id)
+            kept = ParkedSession(holder, max(holder.service.config.resume_buffer,
+                                             HANDOVER_BUFFER), self._events.bus)
+            self._events.move(holder, kept)  # before the stop: no moment without them
+            holder.stop("replaced by a new login with the same session id")
+            return Claim(list(kept.subscriptions.values())), kept
+        parked = book.parked.get(session_id)
+        if parked is None or parked.user != user:
+            self._unpark(book, session_id)  # another user's: dropped, as `release` does
+            return None
+        del book.parked[session_id]
+        if parked.expiry is not None:
+            parked.expiry.cancel()
+        return Claim(list(parked.subscriptions.values()), resumed=True), parked
+
+    def let_go(self, kept: ParkedSession) -> list[HeldEvent]:
+        """The end of a `hand_over`: the subscriptions leave, and what they brought."""
+        self._events.drop(kept)
+        return list(kept.buffer)
 
     def holds(self, service: str, session_id: str) -> bool:
         """Is this session live here?"""
@@ -101,9 +135,9 @@ class LocalSessionRegistry:
         if config.resume_window <= 0 or session.stopped:
             self._events.drop(session)
             return
-        parked = ParkedSession(session, config.resume_buffer)
-        for data in session.conn.unanswered_events():  # written, maybe never read
-            parked.deliver(data)
+        parked = ParkedSession(session, config.resume_buffer, self._events.bus)
+        # Written, maybe never read; no id: no other process may have them (`resume.py`).
+        parked.buffer.extend((None, data) for data in session.conn.unanswered_events())
         self._events.move(session, parked)
         parked.expiry = asyncio.get_running_loop().call_later(
             config.resume_window, self._unpark, book, parked.session_id)

@@ -19,6 +19,7 @@ from functools import partial
 from typing import Any
 
 from nkservice.errors import ApiError, ErrorCode
+from nkservice.events.bus import HeldEvent
 from nkservice.events.index import Subscription, Topic
 from nkservice.protocol.connection import CloseCode, Connection, Wire
 from nkservice.protocol.messages import Request
@@ -35,6 +36,7 @@ from nkservice.service.logic import PLAIN, is_pending, settled
 from nkservice.service.login import REFUSED
 from nkservice.service.permissions import Role
 from nkservice.service.requests import optional
+from nkservice.service.resume import kept_then_new
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +254,9 @@ class Session:
         self.login_time = int(time.time() * 1000)
         self.seed_form = request.subclass is None
         events = service.events
-        held: list[bytes] = []  # what arrives before the answer waits for it (and the missed)
-        self.deliver = held.append
+        bus = events.bus
+        held: list[HeldEvent] = []  # what arrives before the answer waits for it
+        self.deliver = lambda data: held.append((bus.delivering, data))
         activating = [events.subscribe(self, topic)
                       for topic in automatic_topics(service.name, user, session_id)]
         activating += [events.subscribe(self, subscription.topic, subscription.body)
@@ -261,6 +264,11 @@ class Session:
         for active in activating:  # in a cluster: the others know of them before the answer
             if active is not None:
                 await active
+        # The missed before anything newer (§3.3); from another process, once this one has
+        # the subscriptions, without what both got meanwhile (resume.py).
+        kept: list[HeldEvent] = [(None, event) for event in claim.missed_events]
+        if claim.handover is not None:
+            kept = await claim.handover()
         self.deliver = self.conn.send_event
         if self.conn.closed:
             return
@@ -269,7 +277,7 @@ class Session:
         if claim.resumed:
             answer["resumed"] = True
         self._answer(request, answer)
-        for event in (*claim.missed_events, *held):  # the missed before anything newer (§3.3)
+        for event in kept_then_new(kept, held):
             self.conn.send_event(event)
         service.logic.session_start(self)
 
