@@ -33,12 +33,19 @@ def _ephemeral_ports() -> range:
 EPHEMERAL = _ephemeral_ports()
 
 
+_GIVEN: set[int] = set()  # by `free_port`: two calls in a row must not get the same port
+
+
 def free_port() -> int:
     """A port nobody listens on, for a server process to bind, below the ephemeral range:
     the tests' own outgoing connections (and `bind(0)`) take ports from that range, and
-    one of them could take a port chosen there before the server binds it."""
+    one of them could take a port chosen there before the server binds it. Never the same
+    one twice in a run (a test asks for several before it binds any)."""
     while True:
         port = random.randrange(10000 if EPHEMERAL.start > 11000 else 1024, EPHEMERAL.start)
+        if port in _GIVEN:
+            continue
+        _GIVEN.add(port)
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
