@@ -132,9 +132,9 @@ class Metrics:
         """Time this request, from now to its answer; the next after `sample_every`."""
         self.time_next = False
         request.received = perf_counter()
-        asyncio.get_running_loop().call_later(self._sample_every, self._time_next)
+        asyncio.get_running_loop().call_later(self._sample_every, self._sample_next)
 
-    def _time_next(self) -> None:
+    def _sample_next(self) -> None:
         self.time_next = True
 
     def ok(self, request: Request) -> None:
