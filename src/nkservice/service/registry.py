@@ -14,7 +14,6 @@ from typing import Any
 from nkservice.errors import ApiError, ErrorCode
 from nkservice.events.bus import HeldEvent
 from nkservice.events.fanout import Events
-from nkservice.events.index import Subscription
 from nkservice.protocol.messages import Response
 from nkservice.service.contracts import Caller, Claim, SessionInfo, subscriptions_of
 from nkservice.service.resume import ParkedSession
@@ -70,29 +69,23 @@ class LocalSessionRegistry:
         return claim
 
     def release(self, service: str, session_id: str, user: str) -> Claim | None:
-        """Let go of `session_id` for a new login of `user` (§3.3): a live session of that
-        user is stopped and a parked one taken out, and what they leave is returned; None
-        when there is neither; `duplicated_session_id` when another user's session is
-        live (a parked one of another user is dropped)."""
-        book = self._book(service)
-        holder = book.sessions.get(session_id)
-        if holder is not None:
-            if holder.user != user:
-                raise ApiError(ErrorCode.duplicated_session_id)
-            inherited = list(holder.subscriptions.values())
-            holder.stop("replaced by a new login with the same session id")
-            return Claim(inherited)
-        unparked = self._unpark(book, session_id)
-        if unparked is None or unparked[0].user != user:
+        """Let go of `session_id` for a new login of `user` here (§3.3): `hand_over`, and
+        the events kept (a parked session's) returned in the claim at once."""
+        handed = self.hand_over(service, session_id, user)
+        if handed is None:
             return None
-        parked, subscriptions = unparked
-        return Claim(subscriptions, [data for _, data in parked.buffer], resumed=True)
+        claim, kept = handed
+        claim.missed_events = [data for _, data in self.let_go(kept)]
+        return claim
 
     def hand_over(self, service: str, session_id: str, user: str
                   ) -> tuple[Claim, ParkedSession] | None:
-        """`release` for a login on another process of a cluster: the subscriptions stay,
-        held by the returned record that keeps what they bring until `let_go`; the claim
-        names them (no events: `let_go` has them)."""
+        """Let go of `session_id` for a new login of `user`, here or on another process of
+        a cluster: a live session of that user is stopped and a parked one taken out; their
+        subscriptions stay, held by the returned record that keeps what they bring until
+        `let_go`, and the claim names them. None when there is neither;
+        `duplicated_session_id` when another user's session is live (a parked one of
+        another user is dropped)."""
         book = self._book(service)
         holder = book.sessions.get(session_id)
         if holder is not None:
@@ -103,13 +96,12 @@ class LocalSessionRegistry:
             self._events.move(holder, kept)  # before the stop: no moment without them
             holder.stop("replaced by a new login with the same session id")
             return Claim(list(kept.subscriptions.values())), kept
-        parked = book.parked.get(session_id)
-        if parked is None or parked.user != user:
-            self._unpark(book, session_id)  # another user's: dropped, as `release` does
+        parked = self._take_parked(book, session_id)
+        if parked is None:
             return None
-        del book.parked[session_id]
-        if parked.expiry is not None:
-            parked.expiry.cancel()
+        if parked.user != user:
+            self._events.drop(parked)
+            return None
         return Claim(list(parked.subscriptions.values()), resumed=True), parked
 
     def let_go(self, kept: ParkedSession) -> list[HeldEvent]:
@@ -143,16 +135,18 @@ class LocalSessionRegistry:
             config.resume_window, self._unpark, book, parked.session_id)
         book.parked[parked.session_id] = parked
 
-    def _unpark(self, book: _Book, session_id: str
-                ) -> tuple[ParkedSession, list[Subscription]] | None:
-        """Take a parked session out (resumed, taken by another user, or expired): its
-        subscriptions leave the index and are returned, for whoever resumes it."""
+    def _unpark(self, book: _Book, session_id: str) -> None:
+        """A parked session's window passed, or its service stopped: it ends."""
+        parked = self._take_parked(book, session_id)
+        if parked is not None:
+            self._events.drop(parked)
+
+    @staticmethod
+    def _take_parked(book: _Book, session_id: str) -> ParkedSession | None:
         parked = book.parked.pop(session_id, None)
-        if parked is None:
-            return None
-        if parked.expiry is not None:
+        if parked is not None and parked.expiry is not None:
             parked.expiry.cancel()
-        return parked, self._events.drop(parked)
+        return parked
 
     def forget_service(self, service: str) -> None:
         book = self._books.pop(service, None)
